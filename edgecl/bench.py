@@ -1,0 +1,109 @@
+"""The GEM benchmark protocol: one pass over the task stream, R after every task, metrics."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgecl.atomic import atomic_write_text
+from edgecl.checkpoint import save_checkpoint
+from edgecl.config import Config, ConfigError
+from edgecl.data import Benchmark, load_benchmark
+from edgecl.learners import Learner, LearnerSpec, build_learner
+from edgecl.metrics import summarize
+from edgecl.report import plot_accuracy_matrix
+
+EVAL_BATCH = 1000
+Progress = Callable[[int, str], None]  # (samples just learned, task id)
+
+
+def load_config_benchmark(cfg: Config) -> Benchmark:
+    b = cfg.benchmark
+    return load_benchmark(b.name, n_tasks=b.n_tasks, samples_per_task=b.samples_per_task,
+                          seed=cfg.seed, data_dir=b.data_dir)
+
+
+def learner_spec(cfg: Config, bench: Benchmark) -> LearnerSpec:
+    n_tasks = len(bench.tasks)
+    max_tasks = cfg.max_tasks or n_tasks
+    if max_tasks < n_tasks:
+        raise ConfigError(f"max_tasks: {max_tasks} is fewer than the benchmark's {n_tasks} tasks")
+    head = bench.head if cfg.head == "auto" else cfg.head
+    return LearnerSpec(cfg, bench.input_shape, bench.n_classes, head, max_tasks)
+
+
+class Evaluator:
+    """Test accuracy of every task; test sets are moved to the learner's device once."""
+
+    def __init__(self, bench: Benchmark, device: torch.device) -> None:
+        self.tasks = [(t.name, t.x_test.to(device), t.y_test.to(device)) for t in bench.tasks]
+
+    def __call__(self, learner: Learner) -> np.ndarray:
+        accs = []
+        for name, x, y in self.tasks:
+            correct = sum(
+                (learner.predict(x[i:i + EVAL_BATCH], name).argmax(1) == y[i:i + EVAL_BATCH]).sum()
+                for i in range(0, len(y), EVAL_BATCH)
+            )
+            accs.append(float(correct) / len(y))
+        return np.asarray(accs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_protocol(cfg: Config, bench: Benchmark, progress: Progress | None = None
+                 ) -> tuple[dict[str, Any], Learner]:
+    """Learn `bench` in one pass with the method of `cfg`; returns (result, final learner)."""
+    t_start = time.perf_counter()
+    learner = build_learner(learner_spec(cfg, bench))
+    for task in bench.tasks:
+        learner.register_task(task.name)
+    evaluate = Evaluator(bench, learner.device)
+    b = evaluate(learner)
+    R = np.zeros((len(bench.tasks), len(bench.tasks)))
+    train_s = 0.0
+    for i, task in enumerate(bench.tasks):
+        _sync(learner.device)
+        t0 = time.perf_counter()
+        for batch in bench.task_stream(i, cfg.benchmark.batch_size):
+            learner.observe(batch.x, batch.y, batch.task)
+            if progress:
+                progress(len(batch.y), batch.task)
+        learner.end_task(task.name)
+        _sync(learner.device)
+        train_s += time.perf_counter() - t0
+        R[i] = evaluate(learner)
+    wall_s = time.perf_counter() - t_start
+    metrics = summarize(R, b)
+    result = {
+        "benchmark": bench.name, "method": cfg.method.name, "seed": cfg.seed,
+        "n_tasks": len(bench.tasks), "tasks": [t.name for t in bench.tasks],
+        "acc": metrics.acc, "bwt": metrics.bwt, "fwt": metrics.fwt,
+        "R": R.tolist(), "b": b.tolist(),
+        "wall_s": wall_s, "train_s": train_s, "harness_share": 1.0 - train_s / wall_s,
+        "samples_per_s": bench.n_train / train_s, "n_train": bench.n_train,
+        "footprint": learner.footprint().to_dict(), "stats": learner.stats(),
+        "config": cfg.model_dump(mode="json"), "source": bench.source,
+        "device": str(learner.device), "torch": torch.__version__, "host": platform.node(),
+    }
+    return result, learner
+
+
+def write_run(out_dir: Path, result: dict[str, Any], learner: Learner) -> None:
+    """DIR/result.json, DIR/R.png and DIR/checkpoint.pt."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "result.json", json.dumps(result, indent=1) + "\n")
+    title = f"{result['benchmark']} / {result['method']}: ACC {result['acc']:.3f}"
+    plot_accuracy_matrix(np.asarray(result["R"]), out_dir / "R.png", title)
+    save_checkpoint(out_dir / "checkpoint.pt", learner,
+                    {"benchmark": result["benchmark"], "acc": result["acc"]})

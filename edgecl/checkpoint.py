@@ -1,0 +1,48 @@
+"""Learner checkpoints: one torch file holding the learner spec and its full state.
+
+Loaded with `weights_only=True`: a checkpoint never runs code when it is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgecl.atomic import atomic_open
+from edgecl.learners import Learner, LearnerSpec, build_learner
+
+FORMAT = "edgecl-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, learner: Learner, meta: dict[str, Any] | None = None) -> None:
+    """Atomically write `learner` (spec + state) and any JSON-like `meta` to `path`."""
+    payload = {"format": FORMAT, "spec": learner.spec.to_dict(), "state": learner.state_dict(),
+               "meta": meta or {}}
+    with atomic_open(path) as f:
+        torch.save(payload, f)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a torch file at all
+        raise ValueError(f"{path}: not a readable edgecl checkpoint ({e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an edgecl checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def load_learner(path: str | Path, device: str | None = None) -> Learner:
+    """Rebuild the learner saved at `path`; `device` overrides the saved device setting."""
+    payload = read_checkpoint(path)
+    spec_dict = payload["spec"]
+    if device is not None:
+        spec_dict = {**spec_dict, "config": {**spec_dict["config"], "device": device}}
+    learner = build_learner(LearnerSpec.from_dict(spec_dict))
+    learner.load_state_dict(payload["state"])
+    return learner

@@ -1,0 +1,162 @@
+"""YAML -> typed, validated configuration.
+
+A config is one complete learner setup: benchmark, net, method, optimiser, memory. Every key is
+checked; an unknown key or a bad value raises `ConfigError` with one line naming the key and why.
+Method hyper-parameters are validated by the method's own `Params` model (see `edgecl.learners`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line that names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MLPConfig(_Strict):
+    name: Literal["mlp"] = "mlp"
+    hidden: list[PositiveInt] = [100, 100]
+
+
+class ResNetConfig(_Strict):
+    name: Literal["resnet18"]
+    nf: PositiveInt = 20
+
+
+class Conv1dConfig(_Strict):
+    name: Literal["conv1d"]
+    channels: list[PositiveInt] = Field(default=[32, 64, 64], min_length=1)
+    kernel_size: PositiveInt = 5
+
+
+NetConfig = Annotated[MLPConfig | ResNetConfig | Conv1dConfig, Field(discriminator="name")]
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: PositiveFloat = 0.03
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: NonNegativeFloat = 0.0
+
+
+class MemoryConfig(_Strict):
+    """Episodic memory: `per_task` slots per task inside a hard `budget_bytes` (None: no cap)."""
+
+    per_task: PositiveInt = 256
+    budget_bytes: PositiveInt | None = None
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
+
+
+class BenchmarkConfig(_Strict):
+    name: str = "pmnist"
+    n_tasks: PositiveInt | None = None
+    samples_per_task: PositiveInt | None = None
+    batch_size: PositiveInt = 10
+    data_dir: str | None = None
+
+
+class MethodConfig(BaseModel):
+    """`name` plus the method's own hyper-parameters (validated against its `Params`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "finetune"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Config(_Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    head: Literal["auto", "shared", "per_task"] = "auto"
+    max_tasks: PositiveInt | None = None
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    net: NetConfig = MLPConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    memory: MemoryConfig = MemoryConfig()
+    method: MethodConfig = MethodConfig()
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    e = err.errors()[0]
+    # Discriminated unions put the tag ("mlp") in the path; it is noise to a reader.
+    loc = [str(p) for p in e["loc"] if p not in {"mlp", "resnet18", "conv1d"}]
+    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    if e["type"] == "union_tag_invalid":
+        loc.append("name")
+        msg = f"unknown net {e['ctx']['tag']!r}; valid: {e['ctx']['expected_tags']}"
+    key = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
+    return f"{key}: {msg}"
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` wins; nested dicts merge key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a config mapping, including the method's own hyper-parameters."""
+    from edgecl.learners import method_params  # the registry lives with the learners
+
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e)}") from None
+    try:
+        method_params(cfg.method)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e, 'method')}") from None
+    except KeyError as e:
+        raise ConfigError(f"{source}: method.name: {e.args[0]}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML preset (or the defaults when `path` is None) and apply CLI overrides.
+
+    Overriding the method's name with another method drops the preset's method parameters,
+    which belong to the preset's method.
+    """
+    data = read_yaml(path) if path else {}
+    overrides = overrides or {}
+    new_method = overrides.get("method", {}).get("name")
+    old_method = data.get("method")
+    if new_method and not (isinstance(old_method, dict) and old_method.get("name") == new_method):
+        data = {k: v for k, v in data.items() if k != "method"}
+    return build_config(deep_merge(data, overrides), str(path) if path else "config")

@@ -1,0 +1,253 @@
+"""The Learner contract shared by every continual-learning method.
+
+A learner sees `(x, y, task)` mini-batches once, in order (`observe`), consolidates a task when it
+ends (`end_task`, also triggered by a task switch), predicts per task, and hands out the dense
+per-task network for export (`task_module`). Task ids are strings mapped to slots < max_tasks.
+All randomness after initialisation comes from `self.rng`, which is saved in `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from edgecl.config import Config, OptimizerConfig, build_config
+from edgecl.memory import EpisodicMemory
+from edgecl.nets import build_task_net
+
+HeadMode = Literal["shared", "per_task"]
+
+
+class NoParams(BaseModel):
+    """A method without hyper-parameters of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """Everything needed to build a learner: the config plus the shape of the data."""
+
+    config: Config
+    input_shape: tuple[int, ...]
+    n_classes: int
+    head: HeadMode
+    max_tasks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(mode="json"), "input_shape": list(self.input_shape),
+                "n_classes": self.n_classes, "head": self.head, "max_tasks": self.max_tasks}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LearnerSpec:
+        return cls(build_config(d["config"]), tuple(d["input_shape"]), int(d["n_classes"]),
+                   d["head"], int(d["max_tasks"]))
+
+
+@dataclass
+class StepStats:
+    """What one `observe` step did. `loss` stays a tensor: reading it would sync a GPU."""
+
+    loss: torch.Tensor
+
+
+@dataclass
+class Footprint:
+    """Bytes a learner holds on its device."""
+
+    params_bytes: int
+    buffers_bytes: int
+    optimizer_bytes: int
+    memory_bytes: int
+    method_state_bytes: int
+    masks_bytes: int = 0
+    details: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.params_bytes + self.buffers_bytes + self.optimizer_bytes + self.memory_bytes
+                + self.method_state_bytes + self.masks_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def make_optimizer(params: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Learner(ABC):
+    """Base class: task bookkeeping, net, optimiser, optional episodic memory, checkpoints."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    uses_memory: ClassVar[bool] = False
+
+    def __init__(self, spec: LearnerSpec) -> None:
+        self.spec = spec
+        cfg = spec.config
+        self.params = self.Params.model_validate(cfg.method.params)
+        self.device = resolve_device(cfg.device)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.task_ids: list[str] = []
+        self.open_task: str | None = None
+        self.counters: dict[str, int] = {}  # method events worth reporting (e.g. QP fallbacks)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.net = self.build_net().to(self.device)
+        self.optimizer = make_optimizer(self.net.parameters(), cfg.optimizer)
+        self.memory = (
+            EpisodicMemory(spec.input_shape, cfg.memory.per_task, spec.max_tasks,
+                           cfg.memory.budget_bytes, cfg.memory.dtype, self.device)
+            if self.uses_memory else None
+        )
+
+    # --- what a method defines -------------------------------------------------------------
+    def build_net(self) -> nn.Module:
+        """A module with `forward(x, slot)` and `task_module(slot)`; default: `TaskNet`."""
+        s = self.spec
+        n_heads = s.max_tasks if s.head == "per_task" else 1
+        return build_task_net(s.config.net, s.input_shape, s.n_classes, n_heads)
+
+    @abstractmethod
+    def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
+        """One single-pass step on a batch of task `slot` (already on the device)."""
+
+    def consolidate(self, slot: int) -> None:  # noqa: B027 - optional hook
+        """Called once when task `slot` ends (Fisher, teacher snapshot, mask...)."""
+
+    def method_state(self) -> dict[str, Any]:
+        """Method-specific tensors and numbers to checkpoint."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what `method_state` returned."""
+
+    # --- the contract ----------------------------------------------------------------------
+    def slot(self, task: str) -> int:
+        """The slot of a known task id."""
+        try:
+            return self.task_ids.index(task)
+        except ValueError:
+            raise KeyError(f"unknown task {task!r}; known: {', '.join(self.task_ids) or 'none'}"
+                           ) from None
+
+    def register_task(self, task: str) -> int:
+        """The slot of `task`, assigning the next free one to a new id."""
+        if task in self.task_ids:
+            return self.task_ids.index(task)
+        if len(self.task_ids) >= self.spec.max_tasks:
+            raise ValueError(f"task {task!r} would be task number {len(self.task_ids) + 1}, "
+                             f"beyond max_tasks={self.spec.max_tasks}; raise max_tasks in the config")
+        self.task_ids.append(task)
+        return len(self.task_ids) - 1
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor, task: str) -> StepStats:
+        if task != self.open_task:
+            if self.open_task is not None:
+                self.end_task(self.open_task)
+            self.register_task(task)
+            self.open_task = task
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        return self.learn(x, y, self.slot(task))
+
+    def end_task(self, task: str) -> None:
+        if task == self.open_task:
+            self.consolidate(self.slot(task))
+            self.open_task = None
+
+    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        return self.net(x, slot)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        slot = self.slot(task)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self.forward(x.to(self.device), slot)
+        finally:
+            self.net.train(was_training)
+
+    def task_module(self, task: str) -> nn.Module:
+        """An independent copy of task `task`'s dense network, in eval mode, on the CPU."""
+        return copy.deepcopy(self.net.task_module(self.slot(task))).cpu().eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "task_ids": list(self.task_ids),
+            "open_task": self.open_task,
+            "rng": self.rng.get_state(),
+            "memory": self.memory.state_dict() if self.memory is not None else None,
+            "method": self.method_state(),
+            "counters": dict(self.counters),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.net.load_state_dict(d["net"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.task_ids = list(d["task_ids"])
+        self.open_task = d["open_task"]
+        self.rng.set_state(d["rng"])
+        if self.memory is not None:
+            self.memory.load_state_dict(d["memory"])
+        self.load_method_state(d["method"])
+        self.counters = dict(d["counters"])
+
+    def stats(self) -> dict[str, int]:
+        """Counts of method events so far, for result.json."""
+        return dict(self.counters)
+
+    def count(self, event: str, n: int = 1) -> None:
+        self.counters[event] = self.counters.get(event, 0) + n
+
+    def footprint(self) -> Footprint:
+        mem = self.memory.footprint() if self.memory is not None else {}
+        return Footprint(
+            params_bytes=tensor_bytes(list(self.net.parameters())),
+            buffers_bytes=tensor_bytes(list(self.net.buffers())),
+            optimizer_bytes=tensor_bytes(self.optimizer.state_dict()["state"]),
+            memory_bytes=int(mem.get("memory_bytes", 0)),
+            method_state_bytes=tensor_bytes(self.method_state()),
+            details={k: v for k, v in mem.items() if k != "memory_bytes"},
+        )
+
+    # --- helpers for methods -----------------------------------------------------------------
+    def sgd_step(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
+        """Plain cross-entropy step: the whole of fine-tuning."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.forward(x, slot), y)
+        loss.backward()
+        self.optimizer.step()
+        return StepStats(loss.detach())

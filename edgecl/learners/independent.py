@@ -1,0 +1,56 @@
+"""Independent: one small net per task (the GEM paper's reference), so no task can interfere.
+
+As in the GEM paper each task's net is `width_scale` times as wide as the configured one (default
+1/max_tasks: the same total parameter budget as one shared net); `warm_start` initialises a new
+task's net from the previous task's.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from edgecl.learners.base import Learner, StepStats
+from edgecl.nets import build_task_net
+
+
+class IndependentParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    width_scale: float | None = Field(default=None, gt=0, le=1)  # None: 1 / max_tasks
+    warm_start: bool = False
+
+
+class TaskNets(nn.Module):
+    """One single-head net per task slot."""
+
+    def __init__(self, nets: list[nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        return self.nets[slot](x)
+
+    def task_module(self, slot: int) -> nn.Module:
+        return self.nets[slot].task_module(0)
+
+
+class Independent(Learner):
+    name = "independent"
+    Params = IndependentParams
+
+    def build_net(self) -> nn.Module:
+        s = self.spec
+        scale = self.params.width_scale or 1.0 / s.max_tasks
+        return TaskNets([build_task_net(s.config.net, s.input_shape, s.n_classes, 1, scale)
+                         for _ in range(s.max_tasks)])
+
+    def register_task(self, task: str) -> int:
+        is_new = task not in self.task_ids
+        slot = super().register_task(task)
+        if is_new and slot > 0 and self.params.warm_start:
+            self.net.nets[slot].load_state_dict(self.net.nets[slot - 1].state_dict())
+        return slot
+
+    def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
+        return self.sgd_step(x, y, slot)

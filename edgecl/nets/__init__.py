@@ -1,0 +1,52 @@
+"""Backbones (MLP, GEM's reduced ResNet-18, 1-D sensor conv net) and the multi-head `TaskNet`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecl.config import Conv1dConfig, MLPConfig, NetConfig, ResNetConfig
+from edgecl.nets.conv1d import conv1d
+from edgecl.nets.mlp import mlp
+from edgecl.nets.resnet import resnet18
+
+
+def _scaled(width: int, scale: float) -> int:
+    return max(1, round(width * scale))
+
+
+def build_body(cfg: NetConfig, input_shape: tuple[int, ...], width_scale: float = 1.0
+               ) -> tuple[nn.Module, int]:
+    """The feature extractor named by `cfg` and its output width; `width_scale` shrinks it."""
+    if isinstance(cfg, MLPConfig):
+        return mlp(input_shape, [_scaled(h, width_scale) for h in cfg.hidden])
+    if isinstance(cfg, ResNetConfig):
+        return resnet18(input_shape, _scaled(cfg.nf, width_scale))
+    if isinstance(cfg, Conv1dConfig):
+        return conv1d(input_shape, [_scaled(c, width_scale) for c in cfg.channels], cfg.kernel_size)
+    raise TypeError(f"unsupported net config {cfg!r}")
+
+
+class TaskNet(nn.Module):
+    """A body shared by all tasks plus one head (shared mode) or one head per task slot."""
+
+    def __init__(self, body: nn.Module, features: int, n_classes: int, n_heads: int) -> None:
+        super().__init__()
+        self.body = body
+        self.heads = nn.ModuleList(nn.Linear(features, n_classes) for _ in range(n_heads))
+
+    def head_index(self, slot: int) -> int:
+        return slot if len(self.heads) > 1 else 0
+
+    def forward(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        return self.heads[self.head_index(slot)](self.body(x))
+
+    def task_module(self, slot: int) -> nn.Module:
+        """The dense network of one task (shares parameters with this net)."""
+        return nn.Sequential(self.body, self.heads[self.head_index(slot)])
+
+
+def build_task_net(cfg: NetConfig, input_shape: tuple[int, ...], n_classes: int, n_heads: int,
+                   width_scale: float = 1.0) -> TaskNet:
+    body, features = build_body(cfg, input_shape, width_scale)
+    return TaskNet(body, features, n_classes, n_heads)

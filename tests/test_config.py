@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from edgecl.config import ConfigError, MLPConfig, ResNetConfig, load_config
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_gem_protocol():
+    cfg = load_config()
+    assert cfg.benchmark.name == "pmnist" and cfg.benchmark.batch_size == 10
+    assert cfg.net == MLPConfig(hidden=[100, 100])
+    assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.03
+    assert cfg.method.name == "finetune"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("optimizer: {lr: -1}", "optimizer.lr: Input should be greater than 0"),
+    ("optimiser: {lr: 0.1}", "optimiser: unknown key"),
+    ("net: {name: mlp, nf: 3}", "net.nf: unknown key"),
+    ("net: {name: vgg}", "net.name: unknown net 'vgg'; valid: 'mlp', 'resnet18', 'conv1d'"),
+    ("memory: {dtype: int4}", "memory.dtype:"),
+    ("method: {name: nope}", "method.name: unknown method 'nope'; valid: finetune"),
+    ("method: {name: independent, warm: true}", "method.warm: unknown key"),
+    ("method: {name: independent, width_scale: 2}", "method.width_scale:"),
+    ("- a\n- b", "top level must be a mapping"),
+    ("net: [", "not valid YAML"),
+])
+def test_bad_configs_fail_with_one_line_naming_the_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    message = str(e.value)
+    assert expected in message
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path))
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_overrides_merge_and_a_new_method_drops_the_presets_method_params(tmp_path):
+    p = write(tmp_path, "net: {name: resnet18, nf: 8}\nmethod: {name: independent, warm_start: true}")
+    cfg = load_config(p, {"seed": 3, "benchmark": {"n_tasks": 2}, "method": {"name": "finetune"}})
+    assert cfg.seed == 3 and cfg.benchmark.n_tasks == 2 and cfg.benchmark.name == "pmnist"
+    assert cfg.net == ResNetConfig(name="resnet18", nf=8)
+    assert cfg.method.name == "finetune" and cfg.method.params == {}
+    same = load_config(p, {"method": {"name": "independent"}})
+    assert same.method.params == {"warm_start": True}
+
+
+@pytest.mark.parametrize("preset", sorted(MODELS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_validates(preset):
+    load_config(preset)

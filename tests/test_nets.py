@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from edgecl.config import Conv1dConfig, MLPConfig, ResNetConfig
+from edgecl.nets import build_body, build_task_net
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_mlp_is_the_gem_mnist_net():
+    net = build_task_net(MLPConfig(), (1, 28, 28), 10, 1)
+    assert n_params(net) == 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_reduced_resnet18_has_nf_20_stages():
+    body, features = build_body(ResNetConfig(name="resnet18"), (3, 32, 32))
+    assert features == 160  # 8 * nf
+    assert body(torch.rand(2, 3, 32, 32)).shape == (2, 160)
+    assert body.conv1.out_channels == 20
+    with pytest.raises(ValueError, match=r"\[C, H, W\]"):
+        build_body(ResNetConfig(name="resnet18"), (784,))
+
+
+def test_conv1d_takes_sensor_windows():
+    body, features = build_body(Conv1dConfig(name="conv1d", channels=[8, 16]), (6, 100))
+    assert features == 16 and body(torch.rand(4, 6, 100)).shape == (4, 16)
+    with pytest.raises(ValueError, match=r"\[C, L\]"):
+        build_body(Conv1dConfig(name="conv1d"), (1, 28, 28))
+
+
+def test_width_scale_shrinks_hidden_layers():
+    _, features = build_body(MLPConfig(hidden=[100, 100]), (10,), width_scale=0.05)
+    assert features == 5
+
+
+def test_per_task_heads_are_separate():
+    net = build_task_net(MLPConfig(hidden=[8]), (4,), 2, n_heads=3)
+    x = torch.rand(5, 4)
+    assert not torch.equal(net(x, 0), net(x, 1))
+    assert torch.equal(net.task_module(2)(x), net(x, 2))

@@ -19,6 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 
 
+@app.callback()
+def _commands() -> None:
+    """Keeps `edgecl` a group of commands even while it has only one."""
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one clear line and exit (2: bad input)."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -102,7 +107,8 @@ def bench(
         fail(str(e))
     many = len(configs) > 1
     name = method if many else configs[0].method.name
-    out = out or Path("runs") / f"{data.name.replace(':', '_').replace('/', '_')}-{name}-s{configs[0].seed}"
+    slug = data.name.replace(":", "_").replace("/", "_")
+    out = out or Path("runs") / f"{slug}-{name}-s{configs[0].seed}"
     results = []
     for cfg in configs:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -135,6 +141,3 @@ def _write_comparison(out: Path, results: list[dict[str, Any]], name: str) -> No
                       json.dumps([{k: r[k] for k in keep} for r in results], indent=1) + "\n")
     plot_comparison(results, out / "comparison.png", f"{name}: every method")
 
-
-def main() -> None:
-    app()

@@ -111,7 +111,8 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     """`override` wins; nested dicts merge key by key."""
     out = dict(base)
     for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        both_dicts = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if both_dicts else v
     return out
 
 
@@ -126,7 +127,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {kind}")
     return data
 
 

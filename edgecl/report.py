@@ -10,7 +10,7 @@ import numpy as np
 COLUMNS = ("method", "ACC", "BWT", "FWT", "wall s", "samples/s", "memory bytes")
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib is slow to import; only plots need it
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")

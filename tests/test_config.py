@@ -48,7 +48,8 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 def test_overrides_merge_and_a_new_method_drops_the_presets_method_params(tmp_path):
-    p = write(tmp_path, "net: {name: resnet18, nf: 8}\nmethod: {name: independent, warm_start: true}")
+    p = write(tmp_path, "net: {name: resnet18, nf: 8}\n"
+                        "method: {name: independent, warm_start: true}")
     cfg = load_config(p, {"seed": 3, "benchmark": {"n_tasks": 2}, "method": {"name": "finetune"}})
     assert cfg.seed == 3 and cfg.benchmark.n_tasks == 2 and cfg.benchmark.name == "pmnist"
     assert cfg.net == ResNetConfig(name="resnet18", nf=8)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import make_learner, task_batches
+
 from edgecl.checkpoint import load_learner, save_checkpoint
 from edgecl.learners import LEARNERS
 

@@ -42,8 +42,9 @@ class LearnerSpec:
     max_tasks: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.model_dump(mode="json"), "input_shape": list(self.input_shape),
-                "n_classes": self.n_classes, "head": self.head, "max_tasks": self.max_tasks}
+        return {"config": self.config.model_dump(mode="json"),
+                "input_shape": list(self.input_shape), "n_classes": self.n_classes,
+                "head": self.head, "max_tasks": self.max_tasks}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LearnerSpec:
@@ -165,8 +166,8 @@ class Learner(ABC):
         if task in self.task_ids:
             return self.task_ids.index(task)
         if len(self.task_ids) >= self.spec.max_tasks:
-            raise ValueError(f"task {task!r} would be task number {len(self.task_ids) + 1}, "
-                             f"beyond max_tasks={self.spec.max_tasks}; raise max_tasks in the config")
+            raise ValueError(f"task {task!r} would be task number {len(self.task_ids) + 1}, beyond "
+                             f"max_tasks={self.spec.max_tasks}; raise max_tasks in the config")
         self.task_ids.append(task)
         return len(self.task_ids) - 1
 

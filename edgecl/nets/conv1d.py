@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 
-def conv1d(input_shape: tuple[int, ...], channels: list[int], kernel_size: int) -> tuple[nn.Module, int]:
+def conv1d(input_shape: tuple[int, ...], channels: list[int], kernel_size: int
+           ) -> tuple[nn.Module, int]:
     """Conv1d/ReLU/stride-2 per entry of `channels`, then global average pooling."""
     if len(input_shape) != 2:
         raise ValueError(f"conv1d needs sensor windows [C, L], got shape {list(input_shape)}")

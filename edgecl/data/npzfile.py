@@ -1,0 +1,222 @@
+"""``file:PATH`` benchmarks: your own tasks from one ``.npz`` archive.
+
+Format (read with ``np.load(path, allow_pickle=False)``; write it with ``np.savez`` or
+``np.savez_compressed``). For every task i = 0, 1, ..., T-1 (no gaps, no leading zeros):
+
+- ``task{i}_x_train``: numeric array [n, *sample_shape] (bool, integer or float; stored as
+  float32, values used as given, no scaling). ``sample_shape`` has at least one dimension and
+  is the same for every task and split, e.g. (784,), (1, 28, 28) or (3, 32, 32).
+- ``task{i}_y_train``: integer array [n] of labels >= 0.
+- ``task{i}_x_test``, ``task{i}_y_test``: the same for the task's test set.
+- ``task{i}_name`` (optional): 0-d string array, the task id (default ``task{i:02d}``, e.g.
+  ``task00``); ids must be unique.
+
+Optional keys for the whole file:
+
+- ``head``: 0-d string array, ``"shared"`` (default: one head for all tasks) or ``"per_task"``
+  (one head per task; labels are then each task's local labels).
+- ``classes``: 1-d string array of label names; label k means ``classes[k]``. Default names are
+  ``"0"``, ``"1"``, ... The head width ``n_classes`` is ``len(classes)`` if given, else the
+  largest label over all tasks and splits + 1. Every task lists all ``n_classes`` names.
+
+Every split must hold at least one sample, every x must be finite in float32, and any other key
+is an error. Training samples are streamed in stored order. ``n_tasks`` keeps the first tasks;
+``samples_per_task`` keeps the first samples of each task's training split (it may not exceed
+the smallest task); test sets are always kept whole.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from edgecl.data.common import check_count, task_name
+from edgecl.data.core import Benchmark, BenchmarkError, TaskData
+
+_TASK_KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name)")
+_SPLITS = ("train", "test")
+_EXPECTED = ("task{i}_x_train, task{i}_y_train, task{i}_x_test, task{i}_y_test, task{i}_name, "
+             "head, classes")
+
+
+class _Task(NamedTuple):
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load(spec: str, n_tasks: int | None, samples_per_task: int | None) -> Benchmark:
+    """Load the benchmark named ``file:PATH``; see the module docstring for the format."""
+    if not spec.removeprefix("file:"):
+        raise BenchmarkError("file: needs a path, e.g. file:my_tasks.npz")
+    path = Path(spec.removeprefix("file:")).expanduser()
+    arrays = _read(path)
+    by_task: dict[int, dict[str, np.ndarray]] = {}
+    for key, array in arrays.items():
+        match = _TASK_KEY.fullmatch(key)
+        if match:
+            by_task.setdefault(int(match[1]), {})[match[2]] = array
+        elif key not in ("head", "classes"):
+            raise _error(path, key, f"is not part of the format (expected {_EXPECTED})")
+    if not by_task:
+        raise _error(path, None, "holds no tasks (expected keys task0_x_train, task0_y_train, "
+                                 "task0_x_test, task0_y_test, task1_x_train, ...)")
+    gap = min(set(range(len(by_task))) - set(by_task), default=None)
+    if gap is not None:
+        raise _error(path, None, f"task indices must run 0..{max(by_task)} without gaps, "
+                                 f"but there is no task{gap}_* key")
+    head = _head(path, arrays.get("head"))
+    names = _classes(path, arrays.get("classes"))
+    raw = [_task(path, i, by_task[i], names) for i in range(len(by_task))]
+    _check_tasks(path, raw)
+    n_classes = len(names) if names else 1 + max(int(y.max()) for t in raw
+                                                 for y in (t.y_train, t.y_test))
+    classes = names or tuple(str(k) for k in range(n_classes))
+
+    kept = raw[:check_count(n_tasks, len(raw), len(raw), "n_tasks", f"{path} holds")]
+    smallest = min(len(t.y_train) for t in kept)
+    per_task = None if samples_per_task is None else check_count(
+        samples_per_task, smallest, smallest, "samples_per_task",
+        f"the smallest task in {path} holds")
+    tasks = tuple(
+        TaskData(t.name, torch.from_numpy(t.x_train[:per_task]),
+                 torch.from_numpy(t.y_train[:per_task]), torch.from_numpy(t.x_test),
+                 torch.from_numpy(t.y_test), classes)
+        for t in kept)
+    return Benchmark(spec, tasks, tuple(kept[0].x_train.shape[1:]), n_classes, head,
+                     f"file {path}")
+
+
+def _error(path: Path, key: str | None, problem: str) -> BenchmarkError:
+    return BenchmarkError(f"{path}: {problem}" if key is None else f"{path}: key '{key}' {problem}")
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise _error(path, None, "is not a file" if path.exists() else "file not found")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except OSError as err:
+        raise _error(path, None, f"cannot be read ({_reason(err)})") from err
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise _error(path, None, "is not an .npz archive (write it with np.savez)") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise _error(path, None, "is not an .npz archive but a single .npy array "
+                                 "(write it with np.savez)")
+    arrays = {}
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                problem = (f"cannot be read ({_reason(err)}); store plain numeric or string "
+                           "arrays, not pickled Python objects")
+                raise _error(path, key, problem) from err
+    return arrays
+
+
+def _string(array: np.ndarray) -> str | None:
+    """The value of a 0-d string array, else None."""
+    return str(array) if array.ndim == 0 and array.dtype.kind == "U" else None
+
+
+def _head(path: Path, array: np.ndarray | None) -> str:
+    if array is None:
+        return "shared"
+    value = _string(array)
+    if value not in ("shared", "per_task"):
+        got = repr(value) if value is not None else f"{array.dtype} array of shape {array.shape}"
+        raise _error(path, "head", f"must be the 0-d string 'shared' or 'per_task', got {got}")
+    return value
+
+
+def _classes(path: Path, array: np.ndarray | None) -> tuple[str, ...] | None:
+    if array is None:
+        return None
+    if array.ndim != 1 or array.dtype.kind != "U" or len(array) == 0:
+        raise _error(path, "classes", "must be a non-empty 1-d string array, got "
+                                      f"{array.dtype} array of shape {array.shape}")
+    return tuple(str(c) for c in array)
+
+
+def _task(path: Path, i: int, parts: dict[str, np.ndarray],
+          names: tuple[str, ...] | None) -> _Task:
+    """Validate one task's arrays; x become float32, y int64."""
+    for part in ("x_train", "y_train", "x_test", "y_test"):
+        if part not in parts:
+            raise _error(path, f"task{i}_{part}", "is missing")
+    name = _task_id(path, i, parts.get("name"))
+    split_arrays = []
+    for split in _SPLITS:
+        x = _inputs(path, f"task{i}_x_{split}", parts[f"x_{split}"])
+        y = _labels(path, f"task{i}_y_{split}", parts[f"y_{split}"], len(x), names)
+        split_arrays += [x, y]
+    return _Task(name, *split_arrays)
+
+
+def _task_id(path: Path, i: int, array: np.ndarray | None) -> str:
+    if array is None:
+        return task_name(i)
+    value = _string(array)
+    if not value:
+        raise _error(path, f"task{i}_name", "must be a non-empty 0-d string array, got "
+                                            f"{array.dtype} array of shape {array.shape}")
+    return value
+
+
+def _inputs(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    if x.ndim < 2:
+        raise _error(path, key, f"must have shape [n, *sample_shape], got shape {x.shape}")
+    if x.dtype.kind not in "biuf":
+        raise _error(path, key, f"must be numeric (bool, int or float), got dtype {x.dtype}")
+    if len(x) == 0:
+        raise _error(path, key, "is empty")
+    with np.errstate(over="ignore"):
+        floats = x.astype(np.float32, order="C")
+    if not np.isfinite(floats).all():
+        raise _error(path, key, "has non-finite values (NaN, inf or beyond float32 range)")
+    return floats
+
+
+def _labels(path: Path, key: str, y: np.ndarray, n: int, names: tuple[str, ...] | None
+            ) -> np.ndarray:
+    if y.ndim != 1:
+        raise _error(path, key, f"must be a 1-d label array [n], got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise _error(path, key, f"must hold integer labels, got dtype {y.dtype} "
+                                "(convert with .astype(np.int64))")
+    if len(y) != n:
+        raise _error(path, key, f"has {len(y)} labels but its x array has {n} samples")
+    labels = y.astype(np.int64)
+    if labels.min() < 0:
+        raise _error(path, key, f"has negative label {labels.min()} (labels must be >= 0)")
+    if names and labels.max() >= len(names):
+        raise _error(path, key, f"has label {labels.max()} but 'classes' names only "
+                                f"{len(names)} labels (0..{len(names) - 1})")
+    return labels
+
+
+def _check_tasks(path: Path, tasks: list[_Task]) -> None:
+    """Every x shares task 0's sample shape; task ids are unique."""
+    shape = tasks[0].x_train.shape[1:]
+    seen: set[str] = set()
+    for i, task in enumerate(tasks):
+        for split, x in zip(_SPLITS, (task.x_train, task.x_test), strict=True):
+            if x.shape[1:] != shape:
+                raise _error(path, f"task{i}_x_{split}", f"has sample shape {x.shape[1:]} but "
+                                                         f"task0_x_train has {shape}")
+        if task.name in seen:
+            raise _error(path, f"task{i}_name", f"repeats the task id {task.name!r}")
+        seen.add(task.name)

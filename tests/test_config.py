@@ -27,7 +27,7 @@ def test_defaults_are_the_gem_protocol():
     ("net: {name: mlp, nf: 3}", "net.nf: unknown key"),
     ("net: {name: vgg}", "net.name: unknown net 'vgg'; valid: 'mlp', 'resnet18', 'conv1d'"),
     ("memory: {dtype: int4}", "memory.dtype:"),
-    ("method: {name: nope}", "method.name: unknown method 'nope'; valid: finetune"),
+    ("method: {name: nope}", "method.name: unknown method 'nope'; valid: finetune, "),
     ("method: {name: independent, warm: true}", "method.warm: unknown key"),
     ("method: {name: independent, width_scale: 2}", "method.width_scale:"),
     ("- a\n- b", "top level must be a mapping"),

@@ -1,22 +1,32 @@
-"""Continual-learning methods, one file each, registered by name."""
+"""Continual-learning methods, one file each, registered by name.
+
+Methods are imported on first use, so the CLI starts fast and a method's dependencies load only
+when it runs.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from pydantic import BaseModel
 
 from edgecl.config import MethodConfig
 from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
-from edgecl.learners.finetune import FineTune
-from edgecl.learners.independent import Independent
 
-LEARNERS: dict[str, type[Learner]] = {cls.name: cls for cls in (FineTune, Independent)}
+# name -> "module:Class", in the order comparisons list them.
+_REGISTRY: dict[str, str] = {
+    "finetune": "edgecl.learners.finetune:FineTune",
+    "independent": "edgecl.learners.independent:Independent",
+}
+LEARNERS: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def learner_class(name: str) -> type[Learner]:
     try:
-        return LEARNERS[name]
+        module, cls = _REGISTRY[name].split(":")
     except KeyError:
         raise KeyError(f"unknown method {name!r}; valid: {', '.join(LEARNERS)}") from None
+    return getattr(importlib.import_module(module), cls)
 
 
 def method_params(method: MethodConfig) -> BaseModel:

@@ -124,7 +124,7 @@ class Learner(ABC):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.net = self.build_net().to(self.device)
-        self.optimizer = make_optimizer(self.net.parameters(), cfg.optimizer)
+        self.optimizer = self.build_optimizer()
         self.memory = (
             EpisodicMemory(spec.input_shape, cfg.memory.per_task, spec.max_tasks,
                            cfg.memory.budget_bytes, cfg.memory.dtype, self.device)
@@ -137,6 +137,9 @@ class Learner(ABC):
         s = self.spec
         n_heads = s.max_tasks if s.head == "per_task" else 1
         return build_task_net(s.config.net, s.input_shape, s.n_classes, n_heads)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.net.parameters(), self.spec.config.optimizer)
 
     @abstractmethod
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:

@@ -35,8 +35,11 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def plot_accuracy_matrix(R: np.ndarray, path: Path, title: str) -> None:
     plt = _pyplot()
     T = len(R)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * T, 0.9 + 0.35 * T))
+    fig, ax = plt.subplots(figsize=(4.0 + 0.3 * T, 3.2 + 0.3 * T))
     im = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
+    ticks = range(0, T, max(1, T // 10))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("after training task i")
     ax.set_title(title)

@@ -1,0 +1,31 @@
+"""Every shipped preset loads and runs the protocol end to end, on a tiny slice of its data."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecl.bench import load_config_benchmark, run_protocol
+from edgecl.config import load_config
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+PRESETS = sorted(MODELS.glob("*.yaml"))
+
+
+def test_there_are_presets_for_every_method():
+    from edgecl.learners import LEARNERS
+
+    methods = {load_config(p).method.name for p in PRESETS}
+    assert methods == set(LEARNERS)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_smoke_runs(preset):
+    cfg = load_config(preset, {"device": "cpu",
+                               "benchmark": {"n_tasks": 2, "samples_per_task": 20}})
+    result, learner = run_protocol(cfg, load_config_benchmark(cfg))
+    R = np.asarray(result["R"])
+    assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
+    assert result["method"] == cfg.method.name
+    assert learner.task_ids == result["tasks"]
+    assert result["footprint"]["total_bytes"] > 0

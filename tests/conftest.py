@@ -12,10 +12,12 @@ from edgecl.learners import Learner, LearnerSpec, build_learner
 
 
 def make_learner(method: str = "finetune", head: str = "shared", input_shape=(1, 4, 4),
-                 n_classes: int = 3, max_tasks: int = 3, **overrides: Any) -> Learner:
+                 n_classes: int = 3, max_tasks: int = 3, params: dict[str, Any] | None = None,
+                 **overrides: Any) -> Learner:
+    """A tiny CPU learner; `params` are the method's own, `overrides` other config sections."""
     data = {"seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [16, 16]},
             "optimizer": {"name": "sgd", "lr": 0.1}, "memory": {"per_task": 8},
-            "method": {"name": method}}
+            "method": {"name": method, **(params or {})}}
     for key, value in overrides.items():
         data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
     spec = LearnerSpec(build_config(data), tuple(input_shape), n_classes, head, max_tasks)

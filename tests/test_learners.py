@@ -97,3 +97,15 @@ def test_independent_nets_are_narrower_and_footprint_counts_them():
     fp = learner.footprint()
     assert fp.params_bytes == 4 * sum(p.numel() for p in learner.net.nets[0].parameters()) * 4
     assert fp.total_bytes >= fp.params_bytes
+
+
+def test_independent_warm_start_copies_the_previous_trained_net():
+    learner = make_learner("independent", params={"warm_start": True})
+    for t in ("t0", "t1"):
+        learner.register_task(t)  # as the benchmark does: registration alone copies nothing
+    train(learner, 0)
+    trained = learner.net.nets[0].state_dict()
+    learner.observe(*task_batches(1, n_batches=1)[0], "t1")
+    # one step from t0's weights: close to them, unlike t1's own random initialisation
+    for name, w in learner.net.nets[1].state_dict().items():
+        assert (w - trained[name]).abs().max() < 0.05

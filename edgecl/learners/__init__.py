@@ -17,6 +17,7 @@ from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
 _REGISTRY: dict[str, str] = {
     "finetune": "edgecl.learners.finetune:FineTune",
     "independent": "edgecl.learners.independent:Independent",
+    "wsn": "edgecl.learners.wsn:WSN",
 }
 LEARNERS: tuple[str, ...] = tuple(_REGISTRY)
 

@@ -145,6 +145,9 @@ class Learner(ABC):
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         """One single-pass step on a batch of task `slot` (already on the device)."""
 
+    def begin_task(self, slot: int) -> None:  # noqa: B027 - optional hook
+        """Called when task `slot` opens (its first batch, or its return after a switch)."""
+
     def consolidate(self, slot: int) -> None:  # noqa: B027 - optional hook
         """Called once when task `slot` ends (Fisher, teacher snapshot, mask...)."""
 
@@ -178,8 +181,8 @@ class Learner(ABC):
         if task != self.open_task:
             if self.open_task is not None:
                 self.end_task(self.open_task)
-            self.register_task(task)
             self.open_task = task
+            self.begin_task(self.register_task(task))
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         return self.learn(x, y, self.slot(task))
@@ -229,7 +232,7 @@ class Learner(ABC):
         self.load_method_state(d["method"])
         self.counters = dict(d["counters"])
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counts of method events so far, for result.json."""
         return dict(self.counters)
 

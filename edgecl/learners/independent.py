@@ -2,10 +2,12 @@
 
 As in the GEM paper each task's net is `width_scale` times as wide as the configured one (default
 1/max_tasks: the same total parameter budget as one shared net); `warm_start` initialises a new
-task's net from the previous task's.
+task's net, when it starts learning, from the net of the task learned before it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,12 +47,22 @@ class Independent(Learner):
         return TaskNets([build_task_net(s.config.net, s.input_shape, s.n_classes, 1, scale)
                          for _ in range(s.max_tasks)])
 
-    def register_task(self, task: str) -> int:
-        is_new = task not in self.task_ids
-        slot = super().register_task(task)
-        if is_new and slot > 0 and self.params.warm_start:
-            self.net.nets[slot].load_state_dict(self.net.nets[slot - 1].state_dict())
-        return slot
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started: list[int] = []  # slots that have begun learning, in order
+
+    def begin_task(self, slot: int) -> None:
+        if slot in self.started:
+            return
+        if self.params.warm_start and self.started:
+            self.net.nets[slot].load_state_dict(self.net.nets[self.started[-1]].state_dict())
+        self.started.append(slot)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"started": list(self.started)}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.started = list(state["started"])
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         return self.sgd_step(x, y, slot)

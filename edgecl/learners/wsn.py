@@ -94,8 +94,6 @@ class WSN(Learner):
         return self.net.task_module(slot, self.fixed_mask(slot)).cpu().eval()
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
-        if slot != self.learning and slot not in self.masks:
-            self.begin_task(slot)
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.forward(x, slot), y)
         loss.backward()
@@ -104,6 +102,8 @@ class WSN(Learner):
         return StepStats(loss.detach())
 
     def begin_task(self, slot: int) -> None:
+        if slot in self.masks:  # a returning task keeps its subnetwork and its head
+            return
         self.learning = slot
         if self.params.head_warm_start and self.finished:
             heads = self.net.heads

@@ -17,6 +17,9 @@ from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
 _REGISTRY: dict[str, str] = {
     "finetune": "edgecl.learners.finetune:FineTune",
     "independent": "edgecl.learners.independent:Independent",
+    "ewc": "edgecl.learners.ewc:EWC",
+    "mas": "edgecl.learners.mas:MAS",
+    "lwf": "edgecl.learners.lwf:LwF",
     "wsn": "edgecl.learners.wsn:WSN",
 }
 LEARNERS: tuple[str, ...] = tuple(_REGISTRY)

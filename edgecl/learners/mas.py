@@ -1,0 +1,40 @@
+"""Memory Aware Synapses (Aljundi et al., ECCV 2018).
+
+    on each batch of task t:   store its inputs in t's episodic memory
+                               step on CE(f(x), y) + λ/2 Σ Ω (θ - θ*)²   (λΩ ≤ 1/lr: penalty.py)
+    at the switch from task t: Ω_t = (1/N) Σ_n |∂ ||f(x_n)||² / ∂θ|   over t's memory inputs
+                               Ω   = Ω + Ω_t   (accumulated; `merge`/`gamma` as in EWC)
+                               θ*  = θ
+
+Unsupervised: the importance reads the inputs only, never the labels. f is the task's head
+output (logits), so Ω measures how sensitive the learned function is to each weight. Defaults
+tuned on pmnist: see models/mas.yaml.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import NonNegativeFloat
+
+from edgecl.learners.penalty import (
+    PenaltyParams,
+    QuadraticPenaltyLearner,
+    mean_per_sample_gradient,
+)
+
+
+class MASParams(PenaltyParams):
+    strength: NonNegativeFloat = 0.1  # λ
+
+
+def squared_output_norm(logits: torch.Tensor) -> torch.Tensor:
+    return logits.square().sum()
+
+
+class MAS(QuadraticPenaltyLearner):
+    name = "mas"
+    Params = MASParams
+
+    def importance(self, slot: int) -> torch.Tensor:
+        x, _ = self.memory.get(slot)
+        return mean_per_sample_gradient(self.net, slot, squared_output_norm, torch.abs, x)

@@ -132,10 +132,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Validate a config mapping, including the method's own hyper-parameters."""
-    from edgecl.learners import method_params  # the registry lives with the learners
+def _method_name(data: dict[str, Any]) -> Any:
+    method = data.get("method")
+    return method.get("name", "finetune") if isinstance(method, dict) else "finetune"
 
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a config mapping, including the method's own hyper-parameters.
+
+    The optimiser keys the mapping leaves out come from the method's `optimizer_defaults`
+    (GEM and WSN, for example, are tuned with optimisers of their own).
+    """
+    from edgecl.learners import learner_class, method_params  # the registry lives there
+
+    try:
+        defaults = learner_class(_method_name(data)).optimizer_defaults
+    except (KeyError, TypeError):
+        defaults = {}  # an unknown method is reported below, with the valid names
+    if isinstance(data.get("optimizer", {}), dict):
+        data = {**data, "optimizer": {**defaults, **data.get("optimizer", {})}}
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
@@ -152,13 +167,12 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML preset (or the defaults when `path` is None) and apply CLI overrides.
 
-    Overriding the method's name with another method drops the preset's method parameters,
-    which belong to the preset's method.
+    Overriding the method's name with another method drops the preset's method parameters and
+    optimiser, which belong to the preset's method: the new method runs with its own defaults.
     """
     data = read_yaml(path) if path else {}
     overrides = overrides or {}
     new_method = overrides.get("method", {}).get("name")
-    old_method = data.get("method")
-    if new_method and not (isinstance(old_method, dict) and old_method.get("name") == new_method):
-        data = {k: v for k, v in data.items() if k != "method"}
+    if new_method and new_method != _method_name(data):
+        data = {k: v for k, v in data.items() if k not in ("method", "optimizer")}
     return build_config(deep_merge(data, overrides), str(path) if path else "config")

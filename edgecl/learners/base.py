@@ -111,6 +111,8 @@ class Learner(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     uses_memory: ClassVar[bool] = False
+    # Optimiser settings this method is tuned with, under any the config states explicitly.
+    optimizer_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, spec: LearnerSpec) -> None:
         self.spec = spec

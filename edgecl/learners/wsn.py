@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ class WSNParams(BaseModel):
 class WSN(Learner):
     name = "wsn"
     Params = WSNParams
+    optimizer_defaults: ClassVar[dict[str, Any]] = {"name": "adam", "lr": 0.003}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -74,21 +74,21 @@ def _summary_table(results: list[dict[str, Any]], title: str) -> Table:
 def bench(
     benchmark: Annotated[str | None, typer.Option(
         help="pmnist | rotmnist | splitmnist | mnist1d | cifar100 | file:PATH.npz "
-             "[default: the config's, else pmnist]")] = None,
+             "(default: the config's, else pmnist)")] = None,
     method: Annotated[str | None, typer.Option(
-        help="A registered method, or 'all' to compare every method [default: the config's, "
-             "else finetune]")] = None,
+        help="A registered method, or 'all' to compare every method (default: the config's, "
+             "else finetune)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML preset (see models/).")] = None,
     tasks: Annotated[int | None, typer.Option(help="Number of tasks.")] = None,
     samples_per_task: Annotated[int | None, typer.Option(help="Training samples per task.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size [default: 10].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data, init and sampling [default: 0].")
+    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size (default: 10).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data, init and sampling (default: 0).")
                     ] = None,
     data_dir: Annotated[Path | None, typer.Option(
         help="Folder with full MNIST / CIFAR-100 (read through torchvision).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda [default: auto].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: auto).")] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Output folder [default: runs/<benchmark>-<method>-s<seed>].")] = None,
+        help="Output folder (default: runs/<benchmark>-<method>-s<seed>).")] = None,
 ) -> None:
     """Run the GEM benchmark protocol: one pass over every task, accuracy matrix R, ACC/BWT/FWT.
 
@@ -141,3 +141,117 @@ def _write_comparison(out: Path, results: list[dict[str, Any]], name: str) -> No
                       json.dumps([{k: r[k] for k in keep} for r in results], indent=1) + "\n")
     plot_comparison(results, out / "comparison.png", f"{name}: every method")
 
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint.pt written by bench or learn.")],
+    repo: Annotated[Path, typer.Option(help="Model repository: DIR/<task>/<version>/.")],
+    task: Annotated[list[str] | None, typer.Option(
+        help="Task to export; repeat for several (default: every task of the checkpoint).")
+                    ] = None,
+) -> None:
+    """Export each task's model to ONNX, verify it against torch, publish it as a new version.
+
+    Writes DIR/<task>/<version>/model.onnx and manifest.json. onnxruntime must match torch within
+    1e-4 (max abs logit difference) with identical argmax on random and real test inputs, or the
+    task is not published. Exit status 1 if any task failed.
+    """
+    from edgecl.export import Exporter, ExportError
+
+    try:
+        exporter = Exporter(checkpoint)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        fail(str(e))
+    unknown = [t for t in task or [] if t not in exporter.tasks]
+    if unknown:
+        fail(f"unknown task(s) {', '.join(unknown)}; the checkpoint has: "
+             f"{', '.join(exporter.tasks) or 'none'}")
+    table = Table(title=f"{checkpoint} -> {repo}")
+    for col in ("task", "version", "max |Δ|", "real inputs", "sha256"):
+        table.add_column(col, justify="left" if col in ("task", "sha256") else "right")
+    failed = 0
+    for name in task or exporter.tasks:
+        try:
+            m = exporter.export(name, repo)
+        except (ExportError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            failed += 1
+            continue
+        v = m.verification
+        table.add_row(name, str(m.version), f"{v.max_abs_diff:.1e}", str(v.real_inputs),
+                      m.sha256[:12])
+    Console().print(table)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    repo: Annotated[Path, typer.Option(help="Model repository written by `edgecl export`.")],
+    host: Annotated[str, typer.Option(
+        help="Address to listen on (0.0.0.0 exposes the server to the network).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")
+                    ] = 8080,
+    providers: Annotated[str | None, typer.Option(
+        help="onnxruntime execution providers in order, e.g. 'cuda,cpu' (default: those of "
+             "tensorrt, cuda, cpu that are available).")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per inference.")] = 1,
+    poll_s: Annotated[float, typer.Option(
+        min=0.05, help="Seconds between scans of the repository for new versions.")] = 2.0,
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding the bearer token clients must send (default: $EDGECL_SERVE_TOKEN "
+             "if set, else none).")] = None,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body in MiB.")
+                           ] = 8.0,
+) -> None:
+    """Serve every task's newest model over HTTP (KServe v2 protocol), hot-reloading new versions.
+
+    POST /v2/models/<task>/infer, GET /v2/models/<task>, /v2/health/live, /v2/health/ready and
+    /metrics (Prometheus). With a token, every endpoint but the health probes needs
+    'Authorization: Bearer <token>'.
+    """
+    import logging
+    import os
+    import signal
+    import threading
+
+    from edgecl.serve import TOKEN_ENV, create_server
+
+    if not repo.is_dir():
+        fail(f"{repo}: no such model repository (create one with `edgecl export`)")
+    token = _read_token(token_file) if token_file else os.environ.get(TOKEN_ENV)
+    if token is not None and not token:
+        fail(f"${TOKEN_ENV} is set but empty")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = create_server(repo, host, port, providers.split(",") if providers else None,
+                               threads, token, int(max_body_mb * (1 << 20)))
+    except ValueError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+    served = ", ".join(sorted(server.models.all())) or "none yet"
+    auth = "bearer token" if token else "no token"
+    console.print(f"listening on {server.url}, serving {served} ({auth})", highlight=False,
+                  soft_wrap=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = threading.Thread(target=server.run, args=(poll_s,), name="edgecl-serve")
+    serving.start()
+    while serving.is_alive() and not stop.wait(0.5):
+        pass
+    server.shutdown()  # finishes the requests in flight
+    serving.join()
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        fail(f"{path}: cannot read the token file ({e.strerror})")
+    if not token:
+        fail(f"{path}: the token file is empty")
+    return token

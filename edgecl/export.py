@@ -1,0 +1,199 @@
+"""Per-task ONNX export: a task's dense module -> ONNX -> verified against torch -> published.
+
+`Exporter(checkpoint).export(task, repo)` writes `repo/<task>/<version>/model.onnx` and its
+`manifest.json` (see `edgecl.serve.repository`) only after onnxruntime reproduces torch on random
+inputs and on the task's real test inputs: max abs difference <= 1e-4 and identical argmax.
+
+The graph is torch's dynamo export at opset 18 (its native opset: no version conversion) stamped
+with IR version 8, the IR of opset 18. onnxruntime reads it from 1.14 on, so every wheel a Jetson
+can install (1.17 - 1.23 on JetPack 6's Python 3.10) runs it; torch would otherwise stamp IR 10,
+which onnxruntime reads only from 1.18.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from edgecl import __version__
+from edgecl.bench import load_config_benchmark
+from edgecl.checkpoint import load_learner
+from edgecl.data import BenchmarkError, TaskData
+from edgecl.serve.repository import (
+    Manifest,
+    Probe,
+    TensorSpec,
+    Verification,
+    check_task_id,
+    probe_input,
+    publish,
+    sha256_of,
+)
+
+OPSET = 18
+IR_VERSION = 8
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+TOLERANCE = 1e-4  # max abs logit difference, float32
+RANDOM_INPUTS = 64
+REAL_INPUTS = 1000  # test samples compared per task, at most
+NORMALISATION = ("none: float32 inputs exactly as the learner saw them in training (the "
+                 "benchmark's values; MNIST variants: pixels / 255, in [0, 1])")
+
+
+class ExportError(RuntimeError):
+    """A task could not be exported; nothing was published for it."""
+
+
+class VerificationError(ExportError):
+    """onnxruntime does not reproduce torch within tolerance."""
+
+
+def to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """`module` as a checked ONNX graph: input "input" [batch, *input_shape], output "logits"."""
+    example = torch.zeros(2, *input_shape)  # a batch of 1 would be specialised, not dynamic
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=OPSET, verbose=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},))
+        model = program.model_proto
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # the exporter and the checker raise many types; report them all
+        raise ExportError(f"cannot export {type(module).__name__} to ONNX: {e}") from e
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter warns about things that do not concern us (torchvision ops...)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def compare(session: ort.InferenceSession, module: nn.Module, batches: list[torch.Tensor]
+            ) -> tuple[float, int]:
+    """(max abs logit difference, number of argmax disagreements) of onnxruntime vs torch."""
+    diff, mismatches = 0.0, 0
+    with torch.no_grad():
+        for x in batches:
+            expected = module(x).numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+            diff = max(diff, float(np.abs(got - expected).max()))
+            mismatches += int((got.argmax(1) != expected.argmax(1)).sum())
+    return diff, mismatches
+
+
+@dataclass(frozen=True)
+class RealInputs:
+    """Real inputs of a task for verification, or why there are none."""
+
+    task: TaskData | None
+    note: str
+
+
+class Exporter:
+    """Exports the tasks of one checkpoint (learner loaded once, benchmark rebuilt if it can be)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint.resolve()
+        self.learner = load_learner(checkpoint, device="cpu")
+        self.checkpoint_sha256 = sha256_of(self.checkpoint.read_bytes())
+        self._benchmark: dict[str, TaskData] | None = None
+        self._benchmark_note = ""
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.learner.task_ids)
+
+    def export(self, task: str, repo: Path) -> Manifest:
+        """Export, verify and publish `task`'s model as its next version; returns its manifest."""
+        check_task_id(task)
+        if task not in self.learner.task_ids:
+            raise ExportError(f"unknown task {task!r}; the checkpoint has: "
+                              f"{', '.join(self.learner.task_ids) or 'none'}")
+        spec = self.learner.spec
+        module = self.learner.task_module(task)
+        model = to_onnx(module, spec.input_shape).SerializeToString()
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        inputs = self.real_inputs(task)
+        verification = self._verify(task, session, module, inputs)
+        probe = session.run([OUTPUT_NAME], {INPUT_NAME: probe_input(spec.input_shape)})[0]
+        x_test = inputs.task.x_test if inputs.task else None
+        return publish(repo, model, {
+            "task": task, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sha256": sha256_of(model), "opset": OPSET, "ir_version": IR_VERSION,
+            "input": TensorSpec(name=INPUT_NAME, shape=[-1, *spec.input_shape]),
+            "output": TensorSpec(name=OUTPUT_NAME, shape=[-1, spec.n_classes]),
+            "classes": self._classes(inputs),
+            "normalisation": NORMALISATION,
+            "input_range": None if x_test is None else [float(x_test.min()), float(x_test.max())],
+            "method": spec.config.method.name, "head": spec.head,
+            "source_checkpoint": str(self.checkpoint), "source_sha256": self.checkpoint_sha256,
+            "verification": verification, "probe": Probe(logits=probe.tolist()),
+            "exporter": {"edgecl": __version__, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+        })
+
+    def _verify(self, task: str, session: ort.InferenceSession, module: nn.Module,
+                inputs: RealInputs) -> Verification:
+        g = torch.Generator().manual_seed(0)
+        random = torch.rand(RANDOM_INPUTS, *self.learner.spec.input_shape, generator=g)
+        batches = [random, random[:1]]  # two batch sizes: the batch axis really is dynamic
+        real = inputs.task.x_test[:REAL_INPUTS] if inputs.task else None
+        if real is not None:
+            batches.append(real)
+        diff, mismatches = compare(session, module, batches)
+        n_real = 0 if real is None else len(real)
+        if not (diff <= TOLERANCE and mismatches == 0):
+            raise VerificationError(
+                f"task {task}: onnxruntime differs from torch by {diff:.3g} (max abs logit "
+                f"difference, tolerance {TOLERANCE:g}) with {mismatches} of "
+                f"{RANDOM_INPUTS + 1 + n_real} argmax differing; not published")
+        return Verification(tolerance=TOLERANCE, max_abs_diff=diff, argmax_mismatches=0,
+                            random_inputs=RANDOM_INPUTS + 1, real_inputs=n_real,
+                            real_data=inputs.note)
+
+    def real_inputs(self, task: str) -> RealInputs:
+        """The task's test set from the checkpoint's benchmark config, when it can be rebuilt."""
+        if self._benchmark is None:
+            self._benchmark, self._benchmark_note = self._load_benchmark()
+        if task in self._benchmark or not self._benchmark:
+            return RealInputs(self._benchmark.get(task), self._benchmark_note)
+        return RealInputs(None, f"random inputs only: task {task!r} is not in the benchmark")
+
+    def _load_benchmark(self) -> tuple[dict[str, TaskData], str]:
+        spec = self.learner.spec
+        try:
+            bench = load_config_benchmark(spec.config)
+        except (BenchmarkError, OSError) as e:
+            return {}, f"random inputs only: the checkpoint's benchmark cannot be loaded ({e})"
+        if bench.input_shape != spec.input_shape or bench.n_classes != spec.n_classes:
+            return {}, (f"random inputs only: the config's benchmark {bench.name} does not fit "
+                        f"the learner (input {list(bench.input_shape)}, {bench.n_classes} "
+                        f"classes vs {list(spec.input_shape)}, {spec.n_classes})")
+        return {t.name: t for t in bench.tasks}, f"{bench.name} test set ({bench.source})"
+
+    def _classes(self, inputs: RealInputs) -> list[str]:
+        if inputs.task is not None:
+            return list(inputs.task.classes)
+        return [str(k) for k in range(self.learner.spec.n_classes)]

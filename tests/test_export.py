@@ -1,0 +1,183 @@
+"""`edgecl export`: per-task ONNX models, verified against torch, published atomically."""
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_learner, task_batches
+from typer.testing import CliRunner
+
+from edgecl import export
+from edgecl.checkpoint import save_checkpoint
+from edgecl.cli import app
+from edgecl.export import Exporter, ExportError, VerificationError
+from edgecl.learners import LEARNERS, learner_class
+from edgecl.serve import repository
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def tiny_benchmark(path) -> str:
+    """Tasks t0 and t1 of conftest's synthetic data as a file: benchmark with named classes."""
+    arrays = {"classes": np.array(CLASSES), "head": np.array("per_task")}
+    for t in range(2):
+        x, y = (a.numpy() for a in task_batches(t, n_batches=1, batch=40)[0])
+        arrays |= {f"task{t}_x_train": x, f"task{t}_y_train": y, f"task{t}_x_test": x,
+                   f"task{t}_y_test": y, f"task{t}_name": np.array(f"t{t}")}
+    np.savez(path, **arrays)
+    return f"file:{path}"
+
+
+def trained_checkpoint(folder, method="finetune", head="per_task"):
+    """A tiny learner that learned t0 and t1 of `tiny_benchmark`, saved as folder/c.pt."""
+    learner = make_learner(method, head, benchmark={"name": tiny_benchmark(folder / "b.npz")})
+    for t in range(2):
+        for x, y in task_batches(t):
+            learner.observe(x, y, f"t{t}")
+        learner.end_task(f"t{t}")
+    save_checkpoint(folder / "c.pt", learner)
+    return learner
+
+
+def onnx_logits(version_dir, x):
+    session = ort.InferenceSession(str(version_dir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def methods_and_heads():
+    # Both head modes for the reference methods; the others share TaskNet's export path.
+    for method in LEARNERS:
+        both = method in ("finetune", "independent")
+        for head in ("shared", "per_task") if both else ("per_task",):
+            yield method, head
+
+
+@pytest.mark.parametrize(("method", "head"), list(methods_and_heads()))
+def test_exported_model_reproduces_the_learner(tmp_path, method, head):
+    try:
+        learner_class(method)
+    except ModuleNotFoundError:
+        pytest.skip(f"{method} is not implemented yet")
+    learner = trained_checkpoint(tmp_path, method, head)
+    manifest = Exporter(tmp_path / "c.pt").export("t1", tmp_path / "repo")
+    x = torch.rand(7, 1, 4, 4)
+    np.testing.assert_allclose(onnx_logits(tmp_path / "repo" / "t1" / "1", x),
+                               learner.predict(x, "t1").numpy(), atol=1e-5)
+    assert (manifest.version, manifest.method, manifest.head) == (1, method, head)
+    assert manifest.verification.max_abs_diff <= 1e-4
+
+
+def test_graph_loads_in_old_onnxruntime_and_the_manifest_describes_it(tmp_path):
+    trained_checkpoint(tmp_path)
+    m = Exporter(tmp_path / "c.pt").export("t0", tmp_path / "repo")
+    version_dir = tmp_path / "repo" / "t0" / "1"
+    data = (version_dir / "model.onnx").read_bytes()
+    model = onnx.load_from_string(data)
+    onnx.checker.check_model(model, full_check=True)
+    # onnxruntime 1.17 (the oldest wheel a Jetson gets) reads IR <= 9 and opsets <= 20.
+    assert model.ir_version == 8
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    assert repository.read_manifest(version_dir) == m
+    assert m.sha256 == repository.sha256_of(data) and (m.opset, m.ir_version) == (18, 8)
+    assert m.input.shape == [-1, 1, 4, 4] and m.output.shape == [-1, 3]
+    assert m.classes == CLASSES and m.task == "t0"
+    assert m.verification.real_inputs == 40 and m.verification.random_inputs == 65
+    assert m.input_range is not None and 0 <= m.input_range[0] < m.input_range[1] <= 1.05
+    assert m.source_checkpoint == str((tmp_path / "c.pt").resolve())
+
+
+def test_without_its_benchmark_a_model_is_verified_on_random_inputs(tmp_path):
+    trained_checkpoint(tmp_path)
+    (tmp_path / "b.npz").unlink()
+    m = Exporter(tmp_path / "c.pt").export("t0", tmp_path / "repo")
+    assert m.verification.real_inputs == 0 and m.input_range is None
+    assert m.verification.real_data.startswith("random inputs only: the checkpoint's benchmark "
+                                               "cannot be loaded")
+    assert m.classes == ["0", "1", "2"]
+
+
+def test_versions_only_increase_and_a_version_taken_meanwhile_is_kept(tmp_path, monkeypatch):
+    trained_checkpoint(tmp_path)
+    repo = tmp_path / "repo"
+    first = Exporter(tmp_path / "c.pt").export("t0", repo)
+    fields = first.model_dump(exclude={"version"})
+    assert repository.publish(repo, b"second", fields).version == 2
+    real_versions = repository.versions
+    stale = iter([[1]])  # this writer's first look misses another writer's version 2
+    monkeypatch.setattr(repository, "versions",
+                        lambda r, t: next(stale, None) or real_versions(r, t))
+    assert repository.publish(repo, b"third", fields).version == 3
+    assert (repo / "t0" / "2" / "model.onnx").read_bytes() == b"second"
+    assert (repo / "t0" / "3" / "model.onnx").read_bytes() == b"third"
+    assert sorted(p.name for p in (repo / "t0").iterdir()) == ["1", "2", "3"]  # no staging left
+
+
+def test_a_model_that_fails_verification_is_not_published(tmp_path, monkeypatch):
+    trained_checkpoint(tmp_path)
+    real_to_onnx = export.to_onnx
+
+    def off_by_half(module, input_shape):
+        wrong = copy.deepcopy(module)
+        with torch.no_grad():
+            wrong[-1].bias[0] += 0.5  # the head's first logit
+        return real_to_onnx(wrong, input_shape)
+
+    monkeypatch.setattr(export, "to_onnx", off_by_half)
+    with pytest.raises(VerificationError, match=r"differs from torch by 0\.5 .*tolerance 0\.0001"):
+        Exporter(tmp_path / "c.pt").export("t0", tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_bad_task_ids_are_refused(tmp_path):
+    trained_checkpoint(tmp_path)
+    exporter = Exporter(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="cannot name a model folder"):
+        exporter.export("../t0", tmp_path / "repo")
+    with pytest.raises(ExportError, match="unknown task 'nope'; the checkpoint has: t0, t1"):
+        exporter.export("nope", tmp_path / "repo")
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_exports_the_tasks_asked_for(tmp_path):
+    trained_checkpoint(tmp_path)
+    r = cli("export", "--checkpoint", tmp_path / "c.pt", "--repo", tmp_path / "repo",
+            "--task", "t1")
+    assert r.exit_code == 0, r.output
+    assert repository.tasks(tmp_path / "repo") == ["t1"]
+    m = repository.read_manifest(tmp_path / "repo" / "t1" / "1")
+    assert m.sha256[:12] in r.output  # the summary table
+
+
+def test_cli_publishes_the_tasks_that_pass_and_exits_1(tmp_path, monkeypatch):
+    trained_checkpoint(tmp_path)
+    real_export = Exporter.export
+
+    def fail_t0(self, task, repo):
+        if task == "t0":
+            raise VerificationError("task t0: onnxruntime differs from torch by 0.5")
+        return real_export(self, task, repo)
+
+    monkeypatch.setattr(Exporter, "export", fail_t0)
+    r = cli("export", "--checkpoint", tmp_path / "c.pt", "--repo", tmp_path / "repo")
+    assert r.exit_code == 1
+    assert "error: task t0: onnxruntime differs from torch by 0.5" in r.output
+    assert repository.tasks(tmp_path / "repo") == ["t1"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "nope"], "unknown task(s) nope; the checkpoint has: t0, t1"),
+    (["--checkpoint", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    trained_checkpoint(tmp_path)
+    r = cli("export", "--checkpoint", tmp_path / "c.pt", "--repo", tmp_path / "repo", *args)
+    assert r.exit_code == 2
+    assert message in r.output
+    assert not (tmp_path / "repo").exists()

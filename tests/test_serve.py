@@ -1,0 +1,405 @@
+"""`edgecl serve`: KServe v2 over HTTP, hot reload, refusal of bad versions, bad requests, auth.
+
+Every server listens on an ephemeral loopback port inside the test process and is shut down by
+the test; waits are bounded.
+"""
+
+import contextlib
+import http.client
+import json
+import math
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_export import CLASSES, trained_checkpoint
+from typer.testing import CliRunner
+
+from edgecl.cli import app
+from edgecl.export import Exporter
+from edgecl.serve import create_server, repository
+from edgecl.serve.client import Client, ServeError
+from edgecl.serve.metrics import Histogram
+from edgecl.serve.protocol import BINARY_HEADER
+from edgecl.serve.runtime import choose_providers
+
+WAIT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(learner, repo) with t0 and t1 exported once for the whole module."""
+    folder = tmp_path_factory.mktemp("exported")
+    learner = trained_checkpoint(folder)
+    exporter = Exporter(folder / "c.pt")
+    for task in ("t0", "t1"):
+        exporter.export(task, folder / "repo")
+    return learner, folder / "repo"
+
+
+@pytest.fixture
+def repo(exported, tmp_path):
+    """A private copy of the exported repository (tests add versions to it)."""
+    return Path(shutil.copytree(exported[1], tmp_path / "repo"))
+
+
+@pytest.fixture
+def learner(exported):
+    return exported[0]
+
+
+@contextlib.contextmanager
+def running(repo, **options):
+    server = create_server(repo, port=0, **options)
+    thread = threading.Thread(target=server.run, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, "the server to start")
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(WAIT_S)
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def request(conn, method, path, body=None, headers=None):
+    """(status, parsed JSON or text, response headers) on a keep-alive connection."""
+    if isinstance(body, dict | list):
+        body = json.dumps(body).encode()
+    conn.request(method, path, body, headers or {})
+    r = conn.getresponse()
+    data = r.read()
+    is_json = r.getheader("Content-Type") == "application/json"
+    return r.status, json.loads(data) if is_json else data.decode(), r
+
+
+def connect(server):
+    host, port = server.socket.getsockname()[:2]
+    return http.client.HTTPConnection(host, port, timeout=WAIT_S)
+
+
+def infer_body(x, name="input", datatype="FP32", shape=None):
+    x = np.asarray(x)
+    return {"inputs": [{"name": name, "shape": list(x.shape) if shape is None else shape,
+                        "datatype": datatype, "data": x.ravel().tolist()}]}
+
+
+def metric(server, sample):
+    """The value of one Prometheus sample line of /metrics, 0 if absent."""
+    text = server.metrics.render()
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match[1]) if match else 0.0
+
+
+def republish(repo, source, task, model=None, **changes):
+    """Publish `source`'s model (or `model` bytes) as the next version of `task`."""
+    fields = repository.read_manifest(source).model_dump(exclude={"version"})
+    data = (source / repository.MODEL_FILE).read_bytes() if model is None else model
+    return repository.publish(repo, data, {**fields, "task": task, **changes})
+
+
+def test_infer_returns_the_learners_logits(repo, learner):
+    x = torch.rand(5, 1, 4, 4)
+    with running(repo) as server, Client(server.url) as client:
+        assert client.ready()
+        for task in ("t0", "t1"):
+            np.testing.assert_allclose(client.infer(task, x.numpy()),
+                                       learner.predict(x, task).numpy(), atol=1e-5)
+        expected = [CLASSES[k] for k in learner.predict(x, "t1").argmax(1)]
+        assert client.classify("t1", x.numpy()) == expected
+        assert client.infer("t0", x[:1].numpy(), version=1).shape == (1, 3)
+        with pytest.raises(ServeError, match="HTTP 404: task 't0' serves version 1, not '7'"):
+            client.infer("t0", x.numpy(), version=7)
+
+
+def test_health_metadata_and_server_metadata(repo):
+    with running(repo) as server:
+        conn = connect(server)
+        assert request(conn, "GET", "/v2/health/live")[:2] == (200, {"live": True})
+        assert request(conn, "GET", "/v2/health/ready")[:2] == (200, {"ready": True})
+        assert request(conn, "GET", "/v2/models/t0/ready")[:2] == (200, {"name": "t0",
+                                                                         "ready": True})
+        status, meta, _ = request(conn, "GET", "/v2/models/t1")
+        assert status == 200 and meta["name"] == "t1" and meta["versions"] == ["1"]
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 4, 4]}]
+        assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
+        assert meta["parameters"]["classes"] == CLASSES
+        assert request(conn, "GET", "/v2")[1]["name"] == "edgecl"
+        assert request(conn, "GET", "/v2/models/nope")[0] == 404
+
+
+def test_an_empty_repository_is_live_but_not_ready(tmp_path):
+    with running(tmp_path) as server:
+        conn = connect(server)
+        assert request(conn, "GET", "/v2/health/live")[0] == 200
+        assert request(conn, "GET", "/v2/health/ready")[:2] == (503, {"ready": False})
+
+
+GOOD = np.full((1, 1, 4, 4), 0.5, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [
+    ("/v2/models/t0/infer", b"{", 400, "malformed JSON"),
+    ("/v2/models/t0/infer", b"\xff\xfe", 400, "malformed JSON"),
+    ("/v2/models/t0/infer", b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON"),
+    ("/v2/models/t0/infer", b"[1]", 400, "must be a JSON object"),
+    ("/v2/models/t0/infer", {"inputs": []}, 400, '"inputs" must be a list of one tensor'),
+    ("/v2/models/t0/infer", infer_body(GOOD, name="x"), 400, "unknown input 'x'"),
+    ("/v2/models/t0/infer", infer_body(GOOD, datatype="FP64"), 400, "datatype must be FP32"),
+    ("/v2/models/t0/infer", infer_body(np.zeros((1, 1, 4, 5))), 400,
+     "shape must be [batch >= 1, 1, 4, 4], got [1, 1, 4, 5]"),
+    ("/v2/models/t0/infer", infer_body(GOOD, shape=[0, 1, 4, 4]), 400, "shape must be"),
+    ("/v2/models/t0/infer", infer_body(GOOD, shape=[2, 1, 4, 4]), 400,
+     '"data" has 16 values; shape [2, 1, 4, 4] needs 32'),
+    ("/v2/models/t0/infer", infer_body(GOOD * np.nan), 400, "malformed JSON"),  # NaN: not JSON
+    ("/v2/models/t0/infer", infer_body(np.full(16, 1e39), shape=[1, 1, 4, 4]), 400,
+     "the input has 16 non-finite value(s): NaN, Inf or beyond float32's range"),
+    ("/v2/models/t0/infer", infer_body(np.array(["1"] * 16), shape=[1, 1, 4, 4]), 400,
+     "must hold only numbers"),
+    ("/v2/models/t0/infer", {"inputs": [{"name": "input", "shape": [1, 1, 4, 4],
+                                         "datatype": "FP32", "data": [[1, 2], [3]]}]}, 400,
+     "evenly nested"),
+    ("/v2/models/nope/infer", infer_body(GOOD), 404, "unknown task 'nope'; serving: t0, t1"),
+    ("/v2/models/t0/explain", infer_body(GOOD), 404, "no such endpoint: POST"),
+])
+def test_bad_requests_get_a_4xx_that_says_why_and_the_server_lives_on(repo, path, body, status,
+                                                                      message):
+    with running(repo) as server:
+        conn = connect(server)
+        got, answer, _ = request(conn, "POST", path, body)
+        assert got == status and message in answer["error"]
+        assert request(conn, "POST", "/v2/models/t0/infer", infer_body(GOOD))[0] == 200
+        assert metric(server, f'edgecl_requests_total{{task="",code="{status}"}}') + metric(
+            server, f'edgecl_requests_total{{task="t0",code="{status}"}}') == 1
+
+
+def binary_request(x, binary_output):
+    """Triton's binary tensor extension: a JSON header, then the raw float32 values."""
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes}}],
+        "parameters": {"binary_data_output": binary_output}}).encode()
+    return header + x.astype("<f4").tobytes(), {BINARY_HEADER: str(len(header))}
+
+
+def test_binary_tensors_in_and_out(repo, learner):
+    x = torch.rand(3, 1, 4, 4)
+    expected = learner.predict(x, "t1").numpy()
+    with running(repo) as server:
+        conn = connect(server)
+        body, headers = binary_request(x.numpy(), binary_output=True)
+        conn.request("POST", "/v2/models/t1/infer", body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        n = int(response.getheader(BINARY_HEADER))
+        output = json.loads(data[:n])["outputs"][0]
+        assert output["parameters"] == {"binary_data_size": 3 * 3 * 4}
+        logits = np.frombuffer(data[n:], "<f4").reshape(output["shape"])
+        np.testing.assert_allclose(logits, expected, atol=1e-5)
+        body, headers = binary_request(x.numpy(), binary_output=False)
+        status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", body, headers)
+        assert status == 200
+        np.testing.assert_allclose(answer["outputs"][0]["data"], expected.ravel(), atol=1e-5)
+        status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", body[:-4], headers)
+        assert status == 400 and "binary_data_size 192 must equal the 188 bytes" in answer["error"]
+        status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", body,
+                                    {BINARY_HEADER: str(len(body) + 1)})
+        assert status == 400 and "is not a length within" in answer["error"]
+
+
+def raw_exchange(server, data: bytes) -> bytes:
+    with socket.create_connection(server.socket.getsockname()[:2], timeout=WAIT_S) as s:
+        s.sendall(data)
+        return s.recv(65536)
+
+
+def test_oversized_bodies_are_refused_and_malformed_http_answered(repo):
+    with running(repo, max_body_bytes=1024) as server:
+        conn = connect(server)
+        status, answer, response = request(conn, "POST", "/v2/models/t0/infer", b"x" * 2000)
+        assert status == 413 and "over the limit of 1,024 bytes" in answer["error"]
+        assert response.getheader("Connection") == "close"
+        chunked = (b"POST /v2/models/t0/infer HTTP/1.1\r\nHost: x\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"x" * 1024 + b"\r\n"
+                   b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n")
+        assert raw_exchange(server, chunked).startswith(b"HTTP/1.1 413")
+        assert raw_exchange(server, b"GET / / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert request(connect(server), "GET", "/v2/health/live")[0] == 200
+
+
+def test_requests_share_one_keep_alive_connection(repo):
+    with running(repo) as server:
+        assert server.socket.proto == socket.IPPROTO_TCP  # else asyncio leaves Nagle on
+        conn = connect(server)
+        request(conn, "GET", "/v2/health/live")
+        sock = conn.sock
+        for _ in range(3):
+            assert request(conn, "POST", "/v2/models/t0/infer", infer_body(GOOD))[0] == 200
+        assert conn.sock is sock
+
+
+def test_a_bearer_token_guards_everything_but_health(repo):
+    with running(repo, token="s3cret") as server:
+        conn = connect(server)
+        status, _, response = request(conn, "POST", "/v2/models/t0/infer", infer_body(GOOD))
+        assert status == 401 and response.getheader("WWW-Authenticate") == "Bearer"
+        wrong = {"Authorization": "Bearer nope"}
+        assert request(connect(server), "GET", "/metrics", headers=wrong)[0] == 401
+        assert request(connect(server), "GET", "/v2/health/ready")[0] == 200
+        with Client(server.url, token="s3cret") as client:
+            assert client.infer("t0", GOOD).shape == (1, 3)
+
+
+def test_a_new_version_is_swapped_in_without_failing_a_request(repo, learner):
+    x = torch.rand(3, 1, 4, 4)
+    with running(repo) as server:
+        statuses, stop = [], threading.Event()
+
+        def load() -> None:
+            with Client(server.url) as client:
+                while not stop.is_set():
+                    try:
+                        client.infer("t0", x.numpy())
+                        statuses.append(200)
+                    except ServeError as e:
+                        statuses.append(e.status)
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            wait_for(lambda: len(statuses) >= 5, "requests before the reload")
+            republish(repo, repo / "t1" / "1", "t0")  # t0's version 2 computes what t1 does
+            wait_for(lambda: server.models.get("t0").version == 2, "version 2")
+            n = len(statuses)
+            wait_for(lambda: len(statuses) >= n + 5, "requests after the reload")
+        finally:
+            stop.set()
+            worker.join(WAIT_S)
+        assert set(statuses) == {200}
+        with Client(server.url) as client:
+            np.testing.assert_allclose(client.infer("t0", x.numpy()),
+                                       learner.predict(x, "t1").numpy(), atol=1e-5)
+        assert metric(server, 'edgecl_model_version{task="t0"}') == 2
+        assert metric(server, 'edgecl_model_reloads_total{task="t0"}') == 1
+        republish(repo, repo / "t0" / "1", "t9")  # a new task appears too
+        wait_for(lambda: server.models.get("t9") is not None, "the new task")
+
+
+def corrupt(repo, kind):
+    """Version 2 of t0, broken in one way; returns the refusal reason expected."""
+    source = repo / "t1" / "1"
+    if kind == "sha256":
+        republish(repo, source, "t0", sha256="0" * 64)
+    elif kind == "load":
+        junk = b"not an onnx graph"
+        republish(repo, source, "t0", model=junk, sha256=repository.sha256_of(junk))
+    elif kind == "verify":
+        probe = repository.read_manifest(source).probe
+        wrong = [[v + 1.0 for v in row] for row in probe.logits]
+        republish(repo, source, "t0", probe={**probe.model_dump(), "logits": wrong})
+    else:
+        (repo / "t0" / "2").mkdir()
+        shutil.copy(source / repository.MODEL_FILE, repo / "t0" / "2")
+        (repo / "t0" / "2" / repository.MANIFEST_FILE).write_text("{not json")
+    return kind
+
+
+@pytest.mark.parametrize("kind", ["sha256", "load", "verify", "manifest"])
+def test_a_corrupt_version_is_refused_and_the_old_one_keeps_serving(repo, learner, kind):
+    x = torch.rand(2, 1, 4, 4)
+    with running(repo) as server, Client(server.url) as client:
+        reason = corrupt(repo, kind)
+        refused = f'edgecl_model_refused_total{{task="t0",reason="{reason}"}}'
+        wait_for(lambda: metric(server, refused) == 1, f"refusal for {reason}")
+        time.sleep(0.2)  # several more polls: a refused version is not retried
+        assert metric(server, refused) == 1
+        assert server.models.get("t0").version == 1
+        np.testing.assert_allclose(client.infer("t0", x.numpy()),
+                                   learner.predict(x, "t0").numpy(), atol=1e-5)
+        republish(repo, repo / "t0" / "1", "t0")  # a good version 3 still gets through
+        wait_for(lambda: server.models.get("t0").version == 3, "version 3")
+
+
+def test_at_start_a_corrupt_newest_version_falls_back_to_the_previous(repo):
+    corrupt(repo, "sha256")
+    with running(repo) as server:
+        assert server.models.get("t0").version == 1
+        assert metric(server, 'edgecl_model_refused_total{task="t0",reason="sha256"}') == 1
+        assert metric(server, 'edgecl_model_version{task="t0"}') == 1
+
+
+def test_metrics_count_requests_and_latencies(repo):
+    with running(repo) as server:
+        conn = connect(server)
+        for _ in range(3):
+            request(conn, "POST", "/v2/models/t1/infer", infer_body(GOOD))
+        status, text, response = request(conn, "GET", "/metrics")
+        assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
+        assert 'edgecl_requests_total{task="t1",code="200"} 3' in text
+        assert 'edgecl_inference_seconds_count{task="t1"} 3' in text
+        assert 'edgecl_request_seconds_bucket{task="t1",le="+Inf"} 3' in text
+        assert 'edgecl_model_version{task="t0"} 1' in text
+
+
+def test_histogram_buckets_are_cumulative_and_bounds_inclusive():
+    h = Histogram()
+    for seconds in (0.0001, 0.0003, 7.0):
+        h.observe("t", seconds)
+    lines = dict(line.rsplit(" ", 1) for line in h.render("x", "task"))
+    assert lines['x_bucket{task="t",le="0.0001"}'] == "1"
+    assert lines['x_bucket{task="t",le="0.0005"}'] == "2"
+    assert lines['x_bucket{task="t",le="1.0"}'] == "2"
+    assert lines['x_bucket{task="t",le="+Inf"}'] == "3" == lines['x_count{task="t"}']
+    assert math.isclose(float(lines['x_sum{task="t"}']), 7.0004)
+
+
+def test_providers_are_chosen_by_availability_or_as_asked():
+    assert choose_providers()[-1] == "CPUExecutionProvider"
+    assert choose_providers(["cpu"]) == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"NopeExecutionProvider not available.*CPUExecution"):
+        choose_providers(["NopeExecutionProvider"])
+
+
+def test_cli_serves_until_sigterm(repo):
+    edgecl = Path(sys.executable).parent / "edgecl"
+    proc = subprocess.Popen([str(edgecl), "serve", "--repo", str(repo), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+        url = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        assert url, f"no address announced: {line!r}"
+        with Client(url[1]) as client:
+            assert client.ready() and client.infer("t0", GOOD).shape == (1, 3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--repo", "/nonexistent"], "no such model repository"),
+    (["--providers", "nope"], "nope not available"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(repo, args, message):
+    r = CliRunner().invoke(app, ["serve", "--repo", str(repo), "--port", "0", *args])
+    assert r.exit_code == 2 and message in r.output

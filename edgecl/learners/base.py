@@ -119,6 +119,9 @@ class Learner(ABC):
         cfg = spec.config
         self.params = self.Params.model_validate(cfg.method.params)
         self.device = resolve_device(cfg.device)
+        # Process-wide: subnormal floats (tiny Adam moments, WSN score gradients) make CPU math
+        # several times slower (WSN trains 4x faster with this); nothing here needs them.
+        torch.set_flush_denormal(True)
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.task_ids: list[str] = []
         self.open_task: str | None = None

@@ -20,6 +20,8 @@ _REGISTRY: dict[str, str] = {
     "ewc": "edgecl.learners.ewc:EWC",
     "mas": "edgecl.learners.mas:MAS",
     "lwf": "edgecl.learners.lwf:LwF",
+    "agem": "edgecl.learners.gem:AGEM",
+    "gem": "edgecl.learners.gem:GEM",
     "wsn": "edgecl.learners.wsn:WSN",
 }
 LEARNERS: tuple[str, ...] = tuple(_REGISTRY)

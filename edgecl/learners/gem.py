@@ -1,0 +1,364 @@
+"""GEM (Lopez-Paz & Ranzato, NeurIPS 2017) and A-GEM (Chaudhry et al., ICLR 2019).
+
+Both store every batch in the episodic memory of its task (the newest `memory.per_task` samples,
+GEM's n_memories) and change the current gradient g only where it would raise the loss of a past
+task:
+
+    GEM:    G = [∇ℓ_k] for every past task k, each on its whole memory (one batched pass)
+            if any G_k·g < 0:  v = argmin ½ vᵀ(GGᵀ + eps·I)v + (Gg)ᵀv  s.t. v >= margin
+                               g ← Gᵀv + g
+    A-GEM:  g_ref = ∇ℓ on a random batch of all past tasks' memories
+            if gᵀg_ref < 0:    g ← g - (gᵀg_ref / g_refᵀg_ref) g_ref
+
+then an optimiser step along g. Gradients are flat float32 vectors over every parameter of the net
+(`net.parameters()` order). In per_task head mode each past task's loss goes through its own head,
+so its row of G is zero on the other heads.
+
+Fast GEM (`fast: true`) draws afresh at every step `fast_tasks` of the past tasks and
+`fast_samples` of each one's memory samples, and constrains the step by those gradients only: a
+random subset of GEM's constraints, each estimated, at a fraction of the cost (GEM's cost grows
+with tasks x memory, fast GEM's stays flat once there are `fast_tasks` past tasks).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import quadprog
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from edgecl.learners.base import Learner, LearnerSpec, StepStats
+from edgecl.nets import TaskNet
+
+
+class GEMParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    memory_strength: float = Field(default=0.5, ge=0)  # GEM's margin: v >= memory_strength
+    qp_eps: float = Field(default=1e-3, gt=0)  # ridge on GGᵀ
+    fast: bool = False  # constrain each step by a random subsample of past tasks and memories
+    fast_tasks: PositiveInt = 8  # past tasks per step, when fast
+    fast_samples: PositiveInt = 32  # memory samples per past task and step, when fast
+
+
+class AGEMParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ref_batch: PositiveInt = 256  # past-task memory samples behind each reference gradient
+
+
+@dataclass(frozen=True)
+class PastMemory:
+    """The memories of every stored task but the current one, batched for one pass. Task i's
+    filled rows are the prefix `x[i, :counts[i]]`."""
+
+    slots: tuple[int, ...]
+    x: torch.Tensor  # [k, quota, *input_shape] float32
+    y: torch.Tensor  # [k, quota]
+    counts: tuple[int, ...]  # filled rows per task
+    heads: torch.Tensor  # [k] head index of each task
+
+    @property
+    def quota(self) -> int:
+        return self.x.shape[1]
+
+    @cached_property
+    def filled_rows(self) -> torch.Tensor:
+        """Indices of the filled rows among all `k * quota` rows, on the CPU."""
+        return torch.cat([task * self.quota + torch.arange(n)
+                          for task, n in enumerate(self.counts)])
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of `rows` (indices among all `k * quota` rows, any shape)."""
+        flat = rows.flatten()
+        x = self.x.flatten(0, 1).index_select(0, flat)
+        return x.view(*rows.shape, *self.x.shape[2:]), self.y.flatten()[flat].view(rows.shape)
+
+
+def per_task_gradients(net: TaskNet, x: torch.Tensor, y: torch.Tensor, counts: tuple[int, ...],
+                       heads: torch.Tensor) -> torch.Tensor:
+    """G [k, n_params]: row i is the gradient of task i's mean loss over `x[i, :counts[i]]`.
+
+    Tasks holding the same number of samples share one forward and one backward, so full
+    memories take a single batched pass (the per-task-sum trick for an MLP body, `vmap` over
+    tasks for any other); task i goes through head `heads[i]`. Rows beyond a task's count take
+    no part, not even in BatchNorm statistics. Columns follow `net.parameters()`; a row is zero
+    on the heads of other tasks.
+    """
+    if len(set(counts)) == 1:  # the usual case: every past memory is full
+        return _same_size_task_gradients(net, x[:, :counts[0]], y[:, :counts[0]], heads)
+    G = x.new_empty(len(counts), sum(p.numel() for p in net.parameters()))
+    sizes = torch.tensor(counts)
+    for n in sizes.unique().tolist():
+        tasks = (sizes == n).nonzero().squeeze(1).to(x.device)
+        G[tasks] = _same_size_task_gradients(net, x[tasks, :n], y[tasks, :n], heads[tasks])
+    return G
+
+
+BodyGradients = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]  # body, head W, head b
+
+
+def _same_size_task_gradients(net: TaskNet, x: torch.Tensor, y: torch.Tensor,
+                              heads: torch.Tensor) -> torch.Tensor:
+    k = len(heads)
+    weight = torch.stack([h.weight.detach() for h in net.heads])[heads]
+    bias = torch.stack([h.bias.detach() for h in net.heads])[heads]
+    body_gradients = _linear_body_gradients if _is_linear(net.body) else _vmapped_body_gradients
+    body_grads, weight_grad, bias_grad = body_gradients(net.body, weight, bias, x, y)
+    own_head = torch.cat([weight_grad.flatten(1), bias_grad.flatten(1)], dim=1)
+    every_head = own_head.new_zeros(k, len(net.heads), own_head.shape[1])
+    every_head[torch.arange(k, device=heads.device), heads] = own_head
+    return torch.cat([*(g.flatten(1) for g in body_grads), every_head.flatten(1)], dim=1)
+
+
+def _is_linear(body: nn.Module) -> bool:
+    """An MLP: only nn.Linear layers hold parameters (each applied once, to flat rows), and
+    nothing holds buffers."""
+    holders = [m for m in body.modules() if list(m.parameters(recurse=False))]
+    return all(isinstance(m, nn.Linear) for m in holders) and not list(body.buffers())
+
+
+def _linear_body_gradients(body: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
+                           x: torch.Tensor, y: torch.Tensor) -> BodyGradients:
+    """The per-task-sum trick for an MLP: one plain forward and backward over all k·m rows
+    yields each Linear layer's inputs a and output gradients δ; task i's weight gradient is
+    δ_iᵀa_i (one bmm per layer for all tasks), its bias gradient Σ δ_i."""
+    k, m = x.shape[:2]
+    layers = [layer for layer in body.modules() if isinstance(layer, nn.Linear)]
+    inputs, outputs = [], []
+
+    def keep(layer: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        inputs.append(args[0].detach())
+        outputs.append(out)
+
+    hooks = [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        features = body(x.flatten(0, 1)).view(k, m, -1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    logits = torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / m
+    *deltas, weight_grad, bias_grad = torch.autograd.grad(loss, [*outputs, weight, bias])
+    body_grads = []
+    for layer, a, delta in zip(layers, inputs, deltas, strict=True):
+        delta = delta.view(k, m, -1)
+        body_grads.append(torch.bmm(delta.transpose(1, 2), a.view(k, m, -1)))
+        if layer.bias is not None:
+            body_grads.append(delta.sum(1))
+    return body_grads, weight_grad, bias_grad
+
+
+def _vmapped_body_gradients(body: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
+                            x: torch.Tensor, y: torch.Tensor) -> BodyGradients:
+    """Any body: `vmap` over tasks of the gradient of one task's loss. BatchNorm statistics go
+    to per-task copies that are thrown away."""
+    k = len(x)
+    params = {n: p.detach() for n, p in body.named_parameters()}
+    buffers = {n: b.expand(k, *b.shape).clone() for n, b in body.named_buffers()}
+
+    def task_loss(params, buffers, weight, bias, x, y):
+        features = functional_call(body, (params, buffers), (x,))
+        return F.cross_entropy(F.linear(features, weight, bias), y)
+
+    body_grads, weight_grad, bias_grad = vmap(
+        grad(task_loss, argnums=(0, 2, 3)), in_dims=(None, 0, 0, 0, 0, 0)
+    )(params, buffers, weight, bias, x, y)
+    return list(body_grads.values()), weight_grad, bias_grad
+
+
+def flatten(grads: Iterable[torch.Tensor | None], params: list[nn.Parameter]) -> torch.Tensor:
+    """One vector of `grads`, zeros where a parameter has none, in the order of `params`."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                      for g, p in zip(grads, params, strict=True)])
+
+
+def solve_gem_dual(GGt: torch.Tensor, Gg: torch.Tensor, margin: float, eps: float
+                   ) -> torch.Tensor:
+    """v of GEM's dual QP  min ½ vᵀ(GGᵀ + eps·I)v + (Gg)ᵀv  s.t. v >= margin.
+
+    The dual needs G only through the k x k Gram matrix GGᵀ and the dot products Gg: only these
+    leave the device, solved in float64. Raises quadprog's ValueError when it fails ("matrix G
+    is not positive definite", "constraints are inconsistent").
+    """
+    P = GGt.double().cpu().numpy()
+    k = len(P)
+    P = 0.5 * (P + P.T) + eps * np.eye(k)
+    q = -Gg.double().cpu().numpy()
+    v = quadprog.solve_qp(P, q, np.eye(k), np.full(k, margin))[0]
+    return torch.as_tensor(v, dtype=Gg.dtype, device=Gg.device)
+
+
+def project_onto_halfspace(g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A-GEM: the vector closest to `g` whose dot product with `ref` is not negative."""
+    dot = g @ ref
+    if dot >= 0:
+        return g
+    return g - (dot / (ref @ ref)) * ref
+
+
+class EpisodicProjection(Learner):
+    """GEM and A-GEM: store each batch, project the gradient against past memories, step."""
+
+    uses_memory = True
+
+    def __init__(self, spec: LearnerSpec) -> None:
+        super().__init__(spec)
+        self._past: PastMemory | None = None
+        heads = self.net.heads
+        # the head each parameter belongs to (None: the shared body)
+        self._param_head: list[int | None] = [None for _ in self.net.body.parameters()] + [
+            h for h in range(len(heads)) for _ in heads[h].parameters()]
+
+    @abstractmethod
+    def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
+        """The gradient to step along instead of `g`, or None when `g` violates nothing."""
+
+    def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
+        self.memory.add(x, y, slot)
+        past = self.past_memory(slot)
+        if past is None:
+            return self.sgd_step(x, y, slot)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.forward(x, slot), y)
+        loss.backward()
+        projected = self.project(self.flat_grad(), past)
+        if projected is not None:
+            self.set_flat_grad(projected, {*past.heads.tolist(), self.net.head_index(slot)})
+        self.optimizer.step()
+        return StepStats(loss.detach())
+
+    def past_memory(self, slot: int) -> PastMemory | None:
+        """Every stored task but `slot`, batched; None while there is none.
+
+        Cached until the set of past tasks or the quota changes: a task's memory only changes
+        while it is the current task (or when the quota shrinks), and that changes the key.
+        """
+        slots = tuple(s for s in self.memory.tasks if s != slot)
+        if not slots:
+            return None
+        past = self._past
+        if past is None or past.slots != slots or past.quota != self.memory.quota:
+            x, y, _ = self.memory.batched(list(slots))
+            counts = tuple(self.memory.filled(s) for s in slots)
+            heads = torch.tensor([self.net.head_index(s) for s in slots], device=self.device)
+            past = self._past = PastMemory(slots, x, y, counts, heads)
+        return past
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self._past = None  # the memory was replaced
+
+    def flat_grad(self) -> torch.Tensor:
+        params = list(self.net.parameters())
+        return flatten([p.grad for p in params], params)
+
+    def set_flat_grad(self, flat: torch.Tensor, heads: set[int]) -> None:
+        """Write `flat` into the gradients of the body and of `heads`; other heads keep none,
+        so the optimiser leaves them alone."""
+        offset = 0
+        for p, head in zip(self.net.parameters(), self._param_head, strict=True):
+            if head is None or head in heads:
+                p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+
+class GEM(EpisodicProjection):
+    """Gradient Episodic Memory: one constraint per past task, projection by a QP."""
+
+    name = "gem"
+    Params = GEMParams
+    optimizer_defaults: ClassVar[dict[str, Any]] = {"lr": 0.1}  # the GEM paper's MNIST setting
+
+    def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
+        return self.constrain(self.past_task_gradients(past), g)
+
+    def constrain(self, G: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+        """g̃ = Gᵀv + g when some G_k·g < 0, else None. If quadprog fails even with a larger
+        ridge, A-GEM's projection on the mean past-task gradient instead."""
+        Gg = G @ g
+        if not bool((Gg < 0).any()):
+            return None
+        self.count("gem_projections")
+        v = self.dual_solution(G @ G.T, Gg)
+        if v is None:
+            return project_onto_halfspace(g, G.mean(0))
+        return G.T @ v + g
+
+    def dual_solution(self, GGt: torch.Tensor, Gg: torch.Tensor) -> torch.Tensor | None:
+        """v from quadprog, retried once with a ridge that conditions GGᵀ at any gradient scale
+        (1e-3 of its mean diagonal, at least 100 eps); None when that fails too."""
+        margin, eps = self.params.memory_strength, self.params.qp_eps
+        try:
+            return solve_gem_dual(GGt, Gg, margin, eps)
+        except ValueError:
+            self.count("gem_qp_retries")
+        try:
+            return solve_gem_dual(GGt, Gg, margin, self.retry_eps(GGt))
+        except ValueError:
+            self.count("gem_qp_fallbacks")
+            return None
+
+    def retry_eps(self, GGt: torch.Tensor) -> float:
+        return max(100 * self.params.qp_eps, 1e-3 * float(GGt.diagonal().mean()))
+
+    def past_task_gradients(self, past: PastMemory) -> torch.Tensor:
+        if self.params.fast:
+            past = self.subsample(past, self.params.fast_tasks, self.params.fast_samples)
+        return per_task_gradients(self.net, past.x, past.y, past.counts, past.heads)
+
+    def subsample(self, past: PastMemory, n_tasks: int, n_samples: int) -> PastMemory:
+        """`n_tasks` random past tasks, each with `n_samples` random filled rows of its memory
+        (all of them where there are fewer)."""
+        tasks = torch.randperm(len(past.counts), generator=self.rng)[:n_tasks]
+        counts = torch.tensor(past.counts)[tasks]
+        keys = torch.rand(len(tasks), past.quota, generator=self.rng)
+        keys[torch.arange(past.quota) >= counts.unsqueeze(1)] = 2.0  # empty rows sort last
+        rows = keys.topk(min(n_samples, past.quota), dim=1, largest=False).indices
+        x, y = past.gather((tasks.unsqueeze(1) * past.quota + rows).to(self.device))
+        return PastMemory(tuple(past.slots[i] for i in tasks.tolist()), x, y,
+                          tuple(counts.clamp(max=n_samples).tolist()),
+                          past.heads[tasks.to(self.device)])
+
+
+class AGEM(EpisodicProjection):
+    """Averaged GEM: one constraint, from a random batch of all past tasks' memories."""
+
+    name = "agem"
+    Params = AGEMParams
+    optimizer_defaults: ClassVar[dict[str, Any]] = {"lr": 0.1}
+
+    def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
+        ref = self.reference_gradient(past)
+        if g @ ref >= 0:
+            return None
+        self.count("agem_projections")
+        return project_onto_halfspace(g, ref)
+
+    def reference_gradient(self, past: PastMemory) -> torch.Tensor:
+        """Gradient of the mean loss on `ref_batch` filled memory rows drawn without replacement
+        with `self.rng` (all of them when there are fewer), each through its task's head."""
+        filled = past.filled_rows
+        pick = torch.randperm(len(filled), generator=self.rng)[:self.params.ref_batch]
+        rows = filled[pick].to(self.device)
+        x, y = past.gather(rows)
+        loss = F.cross_entropy(rows_forward(self.net, x, past.heads[rows // past.quota]), y)
+        params = list(self.net.parameters())
+        return flatten(torch.autograd.grad(loss, params, allow_unused=True), params)
+
+
+def rows_forward(net: TaskNet, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Logits of every row of `x` through its own head `heads[i]`, in one pass."""
+    features = net.body(x)
+    if len(net.heads) == 1:
+        return net.heads[0](features)
+    weight = torch.stack([h.weight for h in net.heads])[heads]
+    bias = torch.stack([h.bias for h in net.heads])[heads]
+    return torch.einsum("ncf,nf->nc", weight, features) + bias

@@ -1,15 +1,12 @@
 """EWC, MAS and LwF: the quadratic penalty, the importances, the distillation term."""
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_learner, task_batches
 
-from edgecl.config import build_config
-from edgecl.learners import build_learner
 from edgecl.learners.lwf import distillation
 from edgecl.learners.penalty import QuadraticPenalty, flat, merge_importance
 
@@ -18,13 +15,6 @@ def train(learner, task: int, **kw) -> None:
     for x, y in task_batches(task, **kw):
         learner.observe(x, y, f"t{task}")
     learner.end_task(f"t{task}")
-
-
-def make_tuned(method: str, head: str = "shared", **params):
-    """`make_learner` with method hyper-parameters (its `method` argument is only the name)."""
-    spec = make_learner(method, head).spec
-    config = {**spec.config.model_dump(mode="json"), "method": {"name": method, **params}}
-    return build_learner(replace(spec, config=build_config(config)))
 
 
 def by_name(learner, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,7 +103,7 @@ def alternating(a: float, b: float, n: int) -> torch.Tensor:
 @pytest.mark.parametrize(("merge", "gamma", "expected"),
                          [("average", 1.0, (3.0, 2.0)), ("decay", 0.5, (5.0, 2.0))])
 def test_learner_merges_importance_as_configured(merge, gamma, expected):
-    learner = make_tuned("ewc", merge=merge, gamma=gamma)
+    learner = make_learner("ewc", params=dict(merge=merge, gamma=gamma))
     n = sum(p.numel() for p in learner.net.parameters())
     hand_made = iter([alternating(2.0, 4.0, n), alternating(4.0, 0.0, n)])
     learner.importance = lambda slot: next(hand_made)
@@ -182,7 +172,7 @@ def test_the_memory_holds_only_the_current_tasks_samples():
 
 @pytest.mark.parametrize("method", ["ewc", "mas"])
 def test_without_strength_the_penalty_learner_takes_fine_tunings_steps(method):
-    learners = [make_tuned(method, strength=0.0), make_learner("finetune")]
+    learners = [make_learner(method, params=dict(strength=0.0)), make_learner("finetune")]
     for learner in learners:
         train(learner, 0)
         train(learner, 1)
@@ -207,7 +197,7 @@ def learn_t0_then_t1_without_consolidating(learner) -> torch.Tensor:
 def test_the_penalty_keeps_important_weights_near_the_anchor(method, head, strength):
     weighted_drift = {}
     for s in (strength, 0.0):  # both see the same t0, so the same importance and anchor
-        learner = make_tuned(method, head, strength=s)
+        learner = make_learner(method, head, params=dict(strength=s))
         learn_t0_then_t1_without_consolidating(learner)
         penalty = learner.penalty
         drift = flat(penalty.params).detach() - penalty.anchor
@@ -219,7 +209,7 @@ def test_the_penalty_keeps_important_weights_near_the_anchor(method, head, stren
 def test_lwf_keeps_the_old_head_close_to_the_teacher_on_new_data(head):
     divergence = {}
     for strength in (5.0, 0.0):  # both see the same t0, so the same teacher
-        learner = make_tuned("lwf", head, strength=strength)
+        learner = make_learner("lwf", head, params=dict(strength=strength))
         x1 = learn_t0_then_t1_without_consolidating(learner)
         teacher = F.log_softmax(learner.teacher(x1, 0), dim=1)
         student = F.log_softmax(learner.predict(x1, "t0"), dim=1)

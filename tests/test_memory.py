@@ -302,3 +302,15 @@ def test_state_dict_round_trip(tmp_path) -> None:
     other = EpisodicMemory((2, 3), per_task=5, max_tasks=4, budget_bytes=200, dtype="float16")
     with pytest.raises(ValueError, match="dtype"):
         other.load_state_dict(snapshot)
+
+
+def test_clear_forgets_every_task_and_keeps_the_settings():
+    mem = EpisodicMemory((2,), per_task=3, max_tasks=2, budget_bytes=200)
+    mem.add(torch.ones(3, 2), torch.tensor([1, 2, 3]), slot=0)
+    mem.add(torch.zeros(1, 2), torch.tensor([4]), slot=1)
+    mem.clear()
+    assert len(mem) == 0 and mem.tasks == [] and mem.filled(0) == 0
+    assert mem.footprint()["memory_bytes"] == 0
+    mem.add(torch.full((1, 2), 0.5), torch.tensor([7]), slot=1)
+    x, y = mem.get(1)
+    assert mem.tasks == [1] and y.tolist() == [7] and torch.equal(x, torch.full((1, 2), 0.5))

@@ -32,7 +32,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from edgecl.learners.base import Learner, LearnerSpec, StepStats
-from edgecl.memory import EpisodicMemory
 
 Merge = Literal["average", "decay"]
 PER_SAMPLE_CHUNK = 64  # samples per vmap call: bounds the [chunk, n_params] gradient block
@@ -182,9 +181,7 @@ class QuadraticPenaltyLearner(Learner):
         """Per-weight importance Ω of task `slot` (flat, non-negative) from its memory."""
 
     def begin_task(self, slot: int) -> None:
-        m = self.memory
-        self.memory = EpisodicMemory(m.input_shape, m.per_task, m.max_tasks, m.budget_bytes,
-                                     m.dtype, m.device)
+        self.memory.clear()
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         self.memory.add(x, y, slot)

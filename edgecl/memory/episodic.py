@@ -54,9 +54,13 @@ class EpisodicMemory:
         self.bytes_per_sample = (
             math.prod(self.input_shape) * _DTYPES[dtype].itemsize + _LABEL_BYTES
         )
-        # no task stored yet: zero rows, but the quota one task would get (checks the budget)
-        self._x = torch.zeros((0, self._quota_for(1), *self.input_shape), dtype=_DTYPES[dtype],
-                              device=self.device)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every stored sample and task."""
+        # no task stored: zero rows, but the quota one task would get (checks the budget)
+        self._x = torch.zeros((0, self._quota_for(1), *self.input_shape),
+                              dtype=_DTYPES[self.dtype], device=self.device)
         self._y = torch.zeros((0, self.quota), dtype=torch.int64, device=self.device)
         self._slots: list[int] = []  # row -> slot, in first-seen order
         self._row: dict[int, int] = {}  # slot -> row

@@ -60,8 +60,10 @@ def random_problem(seed: int, k: int = 5, n: int = 40) -> tuple[torch.Tensor, to
 # --- past-task gradients -------------------------------------------------------------------
 @pytest.mark.parametrize("counts", [(8, 8, 8), (8, 3, 5)])  # full memories; some rows empty
 @pytest.mark.parametrize("head", ["shared", "per_task"])
-def test_batched_gradients_equal_a_per_task_loop_and_ignore_empty_rows(head, counts):
-    learner = make_learner("gem", head, max_tasks=4)  # memory: 8 rows per task
+@pytest.mark.parametrize("hidden", [[16, 16], []])  # [] : a linear model, the head alone
+def test_batched_gradients_equal_a_per_task_loop_and_ignore_empty_rows(head, counts, hidden):
+    learner = make_learner("gem", head, max_tasks=4,  # memory: 8 rows per task
+                           net={"name": "mlp", "hidden": hidden})
     fill_memory(learner, dict(enumerate(counts)))
     past = learner.past_memory(3)
     assert past.counts == counts

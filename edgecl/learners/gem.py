@@ -46,7 +46,7 @@ class GEMParams(BaseModel):
     qp_eps: float = Field(default=1e-3, gt=0)  # ridge on GGᵀ
     fast: bool = False  # constrain each step by a random subsample of past tasks and memories
     fast_tasks: PositiveInt = 8  # past tasks per step, when fast
-    fast_samples: PositiveInt = 32  # memory samples per past task and step, when fast
+    fast_samples: PositiveInt = 16  # memory samples per past task and step, when fast
 
 
 class AGEMParams(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import torch
 
 from edgecl.config import build_config
@@ -18,8 +17,11 @@ def make_learner(method: str = "finetune", head: str = "shared", input_shape=(1,
     data = {"seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [16, 16]},
             "optimizer": {"name": "sgd", "lr": 0.1}, "memory": {"per_task": 8},
             "method": {"name": method, **(params or {})}}
-    for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    for key, value in overrides.items():  # a section naming another net/optimiser replaces
+        base = data.get(key)
+        same_kind = (isinstance(base, dict) and isinstance(value, dict)
+                     and value.get("name", base.get("name")) == base.get("name"))
+        data[key] = {**base, **value} if same_kind else value
     spec = LearnerSpec(build_config(data), tuple(input_shape), n_classes, head, max_tasks)
     return build_learner(spec)
 
@@ -37,6 +39,11 @@ def task_batches(task: int, n_batches: int = 5, batch: int = 8, input_shape=(1, 
     return out
 
 
-@pytest.fixture
-def learner_factory():
-    return make_learner
+def train(learner: Learner, task: int, **batches: Any) -> None:
+    """Observe synthetic task `task`, named t<task>, batch by batch (`task_batches` options),
+    then end it."""
+    spec = learner.spec
+    for x, y in task_batches(task, input_shape=spec.input_shape, n_classes=spec.n_classes,
+                             **batches):
+        learner.observe(x, y, f"t{task}")
+    learner.end_task(f"t{task}")

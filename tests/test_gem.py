@@ -7,27 +7,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import task_batches
+from conftest import make_learner, task_batches
 
 from edgecl.checkpoint import load_learner, save_checkpoint
-from edgecl.config import build_config
-from edgecl.learners import LearnerSpec, build_learner, gem
+from edgecl.learners import gem
 from edgecl.learners.gem import (
     flatten,
     per_task_gradients,
     project_onto_halfspace,
     solve_gem_dual,
 )
-
-
-def make_learner(method: str, head: str = "shared", max_tasks: int = 3, input_shape=(1, 4, 4),
-                 net: dict | None = None, momentum: float = 0.0, **params):
-    """A tiny learner (memory: 8 rows per task) with method hyper-parameters `params`."""
-    net = net or {"name": "mlp", "hidden": [16, 16]}
-    cfg = build_config({"seed": 0, "device": "cpu", "net": net,
-                        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": momentum},
-                        "memory": {"per_task": 8}, "method": {"name": method, **params}})
-    return build_learner(LearnerSpec(cfg, tuple(input_shape), 3, head, max_tasks))
 
 
 def loop_gradients(net, memory, slots) -> torch.Tensor:
@@ -88,6 +77,19 @@ def test_batched_gradients_of_a_batchnorm_body_leave_its_statistics_alone(head):
     G = per_task_gradients(learner.net, past.x, past.y, past.counts, past.heads)
     expected = loop_gradients(copy.deepcopy(learner.net), learner.memory, [0, 1])
     torch.testing.assert_close(G, expected, rtol=1e-4, atol=1e-5)
+    for name, value in learner.net.state_dict().items():
+        assert torch.equal(value, stats[name]), name
+
+
+@pytest.mark.parametrize("head", ["shared", "per_task"])
+def test_agem_reference_gradient_of_a_batchnorm_body_leaves_its_statistics_alone(head):
+    learner = make_learner("agem", head, input_shape=(1, 8, 8), net={"name": "resnet18", "nf": 2})
+    for slot in range(2):
+        learner.memory.add(*task_batches(slot, n_batches=1, batch=6, input_shape=(1, 8, 8))[0],
+                           slot)
+    stats = copy.deepcopy(learner.net.state_dict())
+    ref = learner.reference_gradient(learner.past_memory(1))
+    assert ref.abs().sum() > 0
     for name, value in learner.net.state_dict().items():
         assert torch.equal(value, stats[name]), name
 
@@ -208,7 +210,7 @@ def test_agem_projection_is_gem_with_one_constraint_and_no_margin(seed):
 
 @pytest.mark.parametrize("head", ["shared", "per_task"])
 def test_agem_reference_gradient_covers_past_tasks_only(head):
-    learner = make_learner("agem", head, max_tasks=4, ref_batch=1000)
+    learner = make_learner("agem", head, max_tasks=4, params={"ref_batch": 1000})
     fill_memory(learner, {0: 8, 1: 3, 2: 5})  # slot 2 plays the current task
     ref = learner.reference_gradient(learner.past_memory(2))
     per_task = loop_gradients(learner.net, learner.memory, [0, 1])
@@ -217,7 +219,7 @@ def test_agem_reference_gradient_covers_past_tasks_only(head):
 
 
 def test_agem_reference_batch_is_random_and_of_the_configured_size():
-    learner = make_learner("agem", ref_batch=4)
+    learner = make_learner("agem", params={"ref_batch": 4})
     fill_memory(learner, {0: 8, 1: 8})
     past = learner.past_memory(1)
     refs = [learner.reference_gradient(past) for _ in range(3)]
@@ -230,7 +232,8 @@ def test_agem_reference_batch_is_random_and_of_the_configured_size():
 
 # --- fast GEM --------------------------------------------------------------------------------
 def test_fast_gem_subsamples_past_tasks_and_their_filled_rows():
-    learner = make_learner("gem", max_tasks=4, fast=True, fast_tasks=2, fast_samples=4)
+    learner = make_learner("gem", max_tasks=4,
+                           params={"fast": True, "fast_tasks": 2, "fast_samples": 4})
     fill_memory(learner, {0: 8, 1: 2, 2: 8})
     past = learner.past_memory(3)
     draws = [learner.subsample(past, 2, 4) for _ in range(8)]
@@ -249,7 +252,8 @@ def test_fast_gem_subsamples_past_tasks_and_their_filled_rows():
 
 
 def test_restored_fast_gem_takes_exactly_the_same_next_steps(tmp_path):
-    learner = make_learner("gem", momentum=0.9, fast=True, fast_samples=3)
+    learner = make_learner("gem", optimizer={"momentum": 0.9},
+                           params={"fast": True, "fast_samples": 3})
     for t in range(2):
         for x, y in task_batches(t):
             learner.observe(x, y, f"t{t}")
@@ -278,3 +282,14 @@ def test_memory_projection_forgets_less_than_finetuning(method):
             learner.observe(x, (y + 1) % 3, "t1")
         accuracy[name] = (learner.predict(x0, "t0").argmax(1) == y0).float().mean().item()
     assert accuracy[method] > accuracy["finetune"] + 0.2
+
+
+@pytest.mark.parametrize(("dtype", "copied"), [("float32", False), ("uint8", True)])
+def test_footprint_counts_the_past_memory_batch_only_where_it_is_a_copy(dtype, copied):
+    learner = make_learner("gem", max_tasks=3, memory={"dtype": dtype})
+    for slot in range(2):
+        x, y = task_batches(slot, n_batches=1)[0]
+        learner.observe(x / 2, y, f"t{slot}")  # in [0, 1], as uint8 storage needs
+    past = learner.past_memory(1)
+    assert learner.memory.is_view(past.x) is not copied
+    assert learner.footprint().working_bytes == (past.x.nbytes + past.y.nbytes if copied else 0)

@@ -1,15 +1,9 @@
 import pytest
 import torch
-from conftest import make_learner, task_batches
+from conftest import make_learner, task_batches, train
 
 from edgecl.checkpoint import load_learner, save_checkpoint
 from edgecl.learners import LEARNERS
-
-
-def train(learner, task: int, name: str | None = None, **kw) -> None:
-    for x, y in task_batches(task, **kw):
-        learner.observe(x, y, name or f"t{task}")
-    learner.end_task(name or f"t{task}")
 
 
 def params(learner) -> list[torch.Tensor]:
@@ -70,12 +64,53 @@ def test_task_switch_consolidates_and_task_ids_are_strings():
         learner.predict(train_batches[0][0], "site-C")
 
 
-def test_too_many_tasks_is_a_clear_error():
+def test_too_many_tasks_is_a_clear_error_that_leaves_the_learner_working():
     learner = make_learner(max_tasks=2)
-    learner.register_task("a")
-    learner.register_task("b")
+    batch = task_batches(0, n_batches=1)[0]
+    learner.observe(*batch, "a")
+    learner.observe(*batch, "b")
     with pytest.raises(ValueError, match="beyond max_tasks=2"):
-        learner.observe(*task_batches(0, n_batches=1)[0], "c")
+        learner.observe(*batch, "c")
+    assert learner.task_ids == ["a", "b"] and learner.open_task == "b"
+    learner.observe(*batch, "a")  # the stream goes on with known tasks
+    assert learner.open_task == "a"
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc", "gem"])
+def test_a_bad_batch_is_a_clear_error_that_changes_nothing(method):
+    learner = make_learner(method)
+    x, y = task_batches(0, n_batches=1)[0]
+    learner.observe(x, y, "a")
+    before = learner.state_dict()
+    bad_batches = {
+        "with b >= 1": (x[:0], y[:0]),
+        "x \\[b, 1, 4, 4\\]": (x.flatten(1), y),
+        "y \\[b\\]": (x, y[:-1]),
+        "must be integers": (x, y.float()),
+        "must lie in 0..2; got 3..3": (x, torch.full_like(y, 3)),
+        "must lie in 0..2; got -1..-1": (x, torch.full_like(y, -1)),
+    }
+    for message, (bx, by) in bad_batches.items():
+        with pytest.raises(ValueError, match=message):
+            learner.observe(bx, by, "b")
+    after = learner.state_dict()
+    assert learner.task_ids == ["a"] and learner.open_task == "a"
+    for key, value in before["net"].items():
+        assert torch.equal(after["net"][key], value)
+    if learner.memory is not None:
+        assert len(learner.memory) == len(y)
+
+
+def test_ending_an_unknown_task_is_an_error_and_a_closed_one_is_left_alone():
+    learner = make_learner()
+    ended = []
+    learner.consolidate = ended.append
+    learner.observe(*task_batches(0, n_batches=1)[0], "a")
+    learner.end_task("a")
+    learner.end_task("a")
+    assert ended == [0]
+    with pytest.raises(KeyError, match="unknown task 'typo'"):
+        learner.end_task("typo")
 
 
 @pytest.mark.parametrize("method", sorted(LEARNERS))
@@ -96,7 +131,6 @@ def test_independent_nets_are_narrower_and_footprint_counts_them():
     assert widths == {4}  # 16 / max_tasks
     fp = learner.footprint()
     assert fp.params_bytes == 4 * sum(p.numel() for p in learner.net.nets[0].parameters()) * 4
-    assert fp.total_bytes >= fp.params_bytes
 
 
 def test_independent_warm_start_copies_the_previous_trained_net():

@@ -63,43 +63,28 @@ def test_unfilled_rows_never_returned() -> None:
     assert x1.shape == (0, 1) and y1.shape == (0,)
     assert stored_ids(mem, 2) == [1, 2]
 
-    x, y, valid = mem.batched([0, 1, 2])
-    assert x.shape == (3, 5, 1) and y.shape == (3, 5) and valid.dtype == torch.bool
-    assert valid.sum(1).tolist() == [1, 0, 2]
+    x, y = mem.batched([0, 1, 2])
+    assert x.shape == (3, 5, 1) and y.shape == (3, 5)
+    valid = torch.arange(5) < torch.tensor([[1], [0], [2]])  # filled rows: a prefix per task
     assert y[valid].tolist() == [3, 1, 2]
     assert torch.equal(x[valid][:, 0].long(), y[valid])
     assert not x[~valid].any() and not y[~valid].any()
 
-    _, ys, slots = mem.sample(50, torch.Generator().manual_seed(0))  # with replacement
-    assert set(ys.tolist()) <= {1, 2, 3}
-    assert set(zip(slots.tolist(), ys.tolist(), strict=True)) <= {(2, 1), (2, 2), (0, 3)}
 
-
-def test_sample_without_replacement_and_reproducible() -> None:
-    mem = EpisodicMemory((1,), per_task=8, max_tasks=3)
-    mem.add(*ids(*range(0, 8)), slot=0)
-    mem.add(*ids(*range(100, 105)), slot=1)
-    a = mem.sample(13, torch.Generator().manual_seed(7))
-    b = mem.sample(13, torch.Generator().manual_seed(7))
-    assert same(a, b)
-    x, y, slots = a
-    assert sorted(y.tolist()) == [*range(0, 8), *range(100, 105)]  # each filled row once
-    assert torch.equal(slots, (y >= 100).long())
-    assert x.dtype == torch.float32 and torch.equal(x[:, 0].long(), y)
-    c = mem.sample(13, torch.Generator().manual_seed(8))
-    assert not torch.equal(a[1], c[1])
-    assert mem.sample(0, torch.Generator())[0].shape == (0, 1)
-    with pytest.raises(ValueError):
-        EpisodicMemory((1,), 2, 1).sample(1, torch.Generator())
-
-
-def test_sample_is_uniform_over_tasks_of_unequal_size() -> None:
-    mem = EpisodicMemory((1,), per_task=30, max_tasks=2)
-    mem.add(*ids(*range(30)), slot=0)
-    mem.add(*ids(*range(100, 110)), slot=1)
-    gen = torch.Generator().manual_seed(0)
-    hits = sum(int((mem.sample(4, gen)[2] == 1).sum()) for _ in range(500))
-    assert abs(hits / 2000 - 10 / 40) < 0.04  # per-sample uniform, not per-task uniform
+def test_batched_rows_stored_in_order_are_a_view_and_others_a_copy() -> None:
+    mem = EpisodicMemory((1,), per_task=4, max_tasks=3)
+    for slot in range(3):
+        mem.add(*ids(10 * slot, 10 * slot + 1), slot=slot)
+    x, y = mem.batched([0, 1])
+    assert mem.is_view(x) and [row[:2].tolist() for row in y] == [[0, 1], [10, 11]]
+    mem.add(*ids(2), slot=0)
+    assert x[0, 2, 0] == 2.0  # a view sees later adds
+    reordered, _ = mem.batched([1, 0])
+    assert not mem.is_view(reordered) and torch.equal(reordered, x.flip(0))
+    compact = EpisodicMemory((1,), per_task=4, max_tasks=3, dtype="uint8")
+    compact.add(torch.full((1, 1), 0.5), torch.tensor([1]), slot=0)
+    decoded, _ = compact.batched([0])
+    assert not compact.is_view(decoded) and decoded.dtype == torch.float32
 
 
 def test_eviction_keeps_most_recent_when_tasks_grow() -> None:
@@ -214,7 +199,7 @@ def test_uint8_round_trip_and_range_error() -> None:
     gx, gy = mem.get(0)
     assert gx.dtype == torch.float32
     assert (gx - x[gy]).abs().max() <= 1 / 510 + 1e-7
-    bx, _, _ = mem.batched([0])
+    bx, _ = mem.batched([0])
     assert torch.equal(bx[0], gx)
     with pytest.raises(ValueError, match=r"min=-0\.5, max=0\.75"):
         mem.add(torch.tensor([[[-0.5, 0.75]] * 3]), torch.tensor([0]), slot=0)
@@ -285,15 +270,12 @@ def test_state_dict_round_trip(tmp_path) -> None:
     assert back.tasks == mem.tasks and back.footprint() == mem.footprint()
     for slot in range(4):
         assert same(back.get(slot), mem.get(slot))
-    # same future: ring positions, eviction and sampling all match
+    # same future: ring positions and eviction match
     for m in (mem, back):
         m.add(torch.full((2, 2, 3), 0.5), torch.tensor([98, 99]), slot=0)
         m.add(torch.full((1, 2, 3), 0.25), torch.tensor([77]), slot=1)
     for slot in range(4):
         assert same(back.get(slot), mem.get(slot))
-    a = mem.sample(7, torch.Generator().manual_seed(5))
-    b = back.sample(7, torch.Generator().manual_seed(5))
-    assert same(a, b)
 
     snapshot = mem.state_dict()
     mem.add(torch.zeros(5, 2, 3), torch.zeros(5, dtype=torch.long), slot=0)

@@ -5,16 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_learner, task_batches
+from conftest import make_learner, task_batches, train
 
 from edgecl.learners.lwf import distillation
 from edgecl.learners.penalty import QuadraticPenalty, flat, merge_importance
-
-
-def train(learner, task: int, **kw) -> None:
-    for x, y in task_batches(task, **kw):
-        learner.observe(x, y, f"t{task}")
-    learner.end_task(f"t{task}")
 
 
 def by_name(learner, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -268,3 +262,9 @@ def test_state_lives_on_cuda(method):
     tensors = [state["teacher"]["body.1.weight"]] if method == "lwf" else [
         state["importance"], state["anchor"]]
     assert all(t.is_cuda for t in tensors)
+
+
+@pytest.mark.parametrize(("optimizer", "cap"), [("sgd", 1 / 0.1), ("adam", math.inf)])
+def test_the_stiffness_cap_follows_the_learning_rate_under_sgd_only(optimizer, cap):
+    learner = make_learner("ewc", optimizer={"name": optimizer, "lr": 0.1})
+    assert learner.penalty.max_stiffness == cap

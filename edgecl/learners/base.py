@@ -69,12 +69,13 @@ class Footprint:
     memory_bytes: int
     method_state_bytes: int
     masks_bytes: int = 0
+    working_bytes: int = 0  # copies a method keeps to go fast (GEM: decoded past memories)
     details: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
         return (self.params_bytes + self.buffers_bytes + self.optimizer_bytes + self.memory_bytes
-                + self.method_state_bytes + self.masks_bytes)
+                + self.method_state_bytes + self.masks_bytes + self.working_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -176,14 +177,36 @@ class Learner(ABC):
         """The slot of `task`, assigning the next free one to a new id."""
         if task in self.task_ids:
             return self.task_ids.index(task)
-        if len(self.task_ids) >= self.spec.max_tasks:
-            raise ValueError(f"task {task!r} would be task number {len(self.task_ids) + 1}, beyond "
-                             f"max_tasks={self.spec.max_tasks}; raise max_tasks in the config")
+        self.check_room_for(task)
         self.task_ids.append(task)
         return len(self.task_ids) - 1
 
+    def check_room_for(self, task: str) -> None:
+        """Raise ValueError if `task` is new and every one of the `max_tasks` slots is taken."""
+        if task not in self.task_ids and len(self.task_ids) >= self.spec.max_tasks:
+            raise ValueError(f"task {task!r} would be task number {len(self.task_ids) + 1}, beyond "
+                             f"max_tasks={self.spec.max_tasks}; raise max_tasks in the config")
+
+    def check_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ValueError unless `x [b, *input_shape]`, `y [b]` hold b >= 1 samples whose
+        integer labels lie in 0..n_classes-1."""
+        shape = ", ".join(map(str, self.spec.input_shape))
+        if tuple(x.shape[1:]) != self.spec.input_shape or y.shape != x.shape[:1] or not len(x):
+            raise ValueError(f"expected a batch x [b, {shape}] and labels y [b] with b >= 1; "
+                             f"got x {list(x.shape)} and y {list(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"labels must be integers; got {y.dtype}")
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= self.spec.n_classes:
+            raise ValueError(f"labels must lie in 0..{self.spec.n_classes - 1}; got {lo}..{hi}")
+
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: str) -> StepStats:
+        """One single-pass step on a batch of `task`; a task id other than the open one ends
+        that task first. A bad batch or a task beyond `max_tasks` raises ValueError and changes
+        nothing."""
+        self.check_batch(x, y)
         if task != self.open_task:
+            self.check_room_for(task)
             if self.open_task is not None:
                 self.end_task(self.open_task)
             self.open_task = task
@@ -193,8 +216,11 @@ class Learner(ABC):
         return self.learn(x, y, self.slot(task))
 
     def end_task(self, task: str) -> None:
+        """Consolidate `task` if it is the open one; a known task that is already closed is left
+        alone, an unknown id raises KeyError."""
+        slot = self.slot(task)
         if task == self.open_task:
-            self.consolidate(self.slot(task))
+            self.consolidate(slot)
             self.open_task = None
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from edgecl.learners.base import Learner, LearnerSpec, StepStats
+from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
 from edgecl.nets import TaskNet
 
 
@@ -260,7 +260,7 @@ class EpisodicProjection(Learner):
             return None
         past = self._past
         if past is None or past.slots != slots or past.quota != self.memory.quota:
-            x, y, _ = self.memory.batched(list(slots))
+            x, y = self.memory.batched(list(slots))
             counts = tuple(self.memory.filled(s) for s in slots)
             heads = torch.tensor([self.net.head_index(s) for s in slots], device=self.device)
             past = self._past = PastMemory(slots, x, y, counts, heads)
@@ -268,6 +268,15 @@ class EpisodicProjection(Learner):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self._past = None  # the memory was replaced
+
+    def footprint(self) -> Footprint:
+        """Also counts the batch of past memories where it is a copy (not a view) of the
+        episodic memory: float16 or uint8 storage decoded to float32, or a task returning."""
+        fp = super().footprint()
+        past = self._past
+        if past is not None and not self.memory.is_view(past.x):
+            fp.working_bytes = past.x.nbytes + past.y.nbytes
+        return fp
 
     def flat_grad(self) -> torch.Tensor:
         params = list(self.net.parameters())
@@ -368,8 +377,10 @@ class AGEM(EpisodicProjection):
 
 
 def rows_forward(net: TaskNet, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """Logits of every row of `x` through its own head `heads[i]`, in one pass."""
-    features = net.body(x)
+    """Logits of every row of `x` through its own head `heads[i]`, in one pass. BatchNorm
+    statistics go to copies that are thrown away: memory rows must not shift the live ones."""
+    buffers = {name: b.clone() for name, b in net.body.named_buffers()}
+    features = functional_call(net.body, buffers, (x,), strict=False) if buffers else net.body(x)
     if len(net.heads) == 1:
         return net.heads[0](features)
     weight = torch.stack([h.weight for h in net.heads])[heads]

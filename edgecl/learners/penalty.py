@@ -16,6 +16,8 @@ diverges on it once lr·λΩ > 2. The most important weights cross that line lon
 penalty matters for the rest (on pmnist max Ω is 100-10,000x the median) and the run collapses to
 chance. With `stiffness_cap` (default) λΩ is capped at 1/lr: an SGD step on the penalty alone
 then lands such a weight on θ* instead of past it, and every other weight is penalised exactly.
+The cap applies under SGD only: Adam scales each step to about lr whatever the curvature, so the
+argument does not hold there and the penalty is left exact.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class PenaltyParams(BaseModel):
     strength: NonNegativeFloat  # each method sets its tuned default
     merge: Merge = "decay"
     gamma: float = Field(default=1.0, ge=0.0, le=1.0)  # decay only
-    stiffness_cap: bool = True  # cap λΩ at 1/lr (see the module docstring)
+    stiffness_cap: bool = True  # under SGD, cap λΩ at 1/lr (see the module docstring)
 
 
 def merge_importance(old: torch.Tensor | None, new: torch.Tensor, n_old: int, merge: Merge,
@@ -53,6 +55,9 @@ def merge_importance(old: torch.Tensor | None, new: torch.Tensor, n_old: int, me
 
     average: the running mean over tasks, (n_old·Ω_old + Ω_new) / (n_old + 1).
     decay:   γ·Ω_old + Ω_new (online EWC's γ; γ = 1 is the plain sum, MAS's accumulation).
+
+    A task that returns after a switch is merged again when it next ends, from the samples of
+    its new visit: the count is of task visits, as in online EWC.
     """
     if old is None:
         return new.clone()
@@ -172,7 +177,9 @@ class QuadraticPenaltyLearner(Learner):
     def __init__(self, spec: LearnerSpec) -> None:
         super().__init__(spec)
         p = self.params
-        max_stiffness = 1.0 / spec.config.optimizer.lr if p.stiffness_cap else math.inf
+        optimizer = spec.config.optimizer
+        capped = p.stiffness_cap and optimizer.name == "sgd"
+        max_stiffness = 1.0 / optimizer.lr if capped else math.inf
         self.penalty = QuadraticPenalty(list(self.net.parameters()), p.strength, p.merge, p.gamma,
                                         max_stiffness)
 

@@ -14,7 +14,8 @@ later task can move, so its outputs never change (BWT = 0). Frozen weights are a
 every optimiser step, so momentum and weight decay cannot move them either. Heads are per task
 even on shared-head benchmarks; a new task's head starts from the last finished task's head.
 Hidden-layer biases are shared and frozen once the first task is finished; BatchNorm is per task.
-A task that returns after its mask is fixed keeps its subnetwork: only its head learns.
+A task that returns after its mask is fixed keeps its subnetwork: only its head and its
+BatchNorm learn.
 
 CAP, the fraction of maskable weights in M, is reported after every task (`stats()`); when a layer
 has no free weight left, a warning is logged and `tasks_without_free_weights` counts the tasks
@@ -65,7 +66,6 @@ class WSN(Learner):
         self.used = torch.zeros(self.net.n_weights, dtype=torch.bool, device=self.device)
         self.finished: list[int] = []  # slots, in the order their masks were fixed
         self.capacity_used: list[float] = []  # CAP = |M_t| / N after each of them
-        self.learning: int | None = None  # the slot whose mask is being learned
 
     def build_net(self) -> nn.Module:
         s = self.spec
@@ -105,7 +105,6 @@ class WSN(Learner):
     def begin_task(self, slot: int) -> None:
         if slot in self.masks:  # a returning task keeps its subnetwork and its head
             return
-        self.learning = slot
         if self.params.head_warm_start and self.finished:
             heads = self.net.heads
             heads[slot].load_state_dict(heads[self.finished[-1]].state_dict())
@@ -123,7 +122,6 @@ class WSN(Learner):
         self.used |= mask
         self.finished.append(slot)
         self.capacity_used.append(self.used.float().mean().item())
-        self.learning = None
         log.info("WSN: task slot %d fixed; %.1f%% of maskable weights used", slot,
                  100 * self.capacity_used[-1])
 
@@ -168,12 +166,11 @@ class WSN(Learner):
 
     def method_state(self) -> dict[str, Any]:
         return {"masks": self.masks.state_dict(), "finished": list(self.finished),
-                "capacity_used": list(self.capacity_used), "learning": self.learning}
+                "capacity_used": list(self.capacity_used)}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.masks.load_state_dict(state["masks"])
         self.used = self.masks.union().to(self.device)
         self.finished = list(state["finished"])
         self.capacity_used = list(state["capacity_used"])
-        self.learning = state["learning"]
 

@@ -186,41 +186,28 @@ class EpisodicMemory:
         idx = torch.arange(self._filled[row], device=self.device)
         return self._decode(self._x[row, idx]), self._y[row, idx]
 
-    def batched(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All rows of `slots`: inputs `[k, quota, *shape]` float32, labels `[k, quota]`, and a
-        bool `valid [k, quota]` marking filled rows; padding rows (and unseen slots) are zeros."""
+    def batched(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All rows of `slots`: inputs `[k, quota, *shape]` float32 and labels `[k, quota]`.
+        Task i's filled rows are the first `filled(slots[i])`; the rest (and unseen slots) are
+        zeros. Float32 storage of slots stored one after another comes back as a view, without
+        a copy (see `is_view`); anything else is a decoded copy."""
         rows = [self._row.get(self._check_slot(s), -1) for s in slots]
-        k, m = len(rows), self.quota
-        x = torch.zeros((k, m, *self.input_shape), dtype=torch.float32, device=self.device)
-        y = torch.zeros((k, m), dtype=torch.int64, device=self.device)
-        filled = torch.tensor([self._filled[r] if r >= 0 else 0 for r in rows],
-                              dtype=torch.int64, device=self.device)
-        valid = torch.arange(m, device=self.device) < filled.unsqueeze(1)
+        first = rows[0] if rows else -1
+        if self.dtype == "float32" and first >= 0 and rows == [*range(first, first + len(rows))]:
+            return self._x[first:first + len(rows)], self._y[first:first + len(rows)]
+        x = torch.zeros((len(rows), self.quota, *self.input_shape), dtype=torch.float32,
+                        device=self.device)
+        y = torch.zeros((len(rows), self.quota), dtype=torch.int64, device=self.device)
         seen = torch.tensor([r >= 0 for r in rows], dtype=torch.bool, device=self.device)
         if bool(seen.any()):
             src = torch.tensor([r for r in rows if r >= 0], dtype=torch.int64, device=self.device)
             x[seen] = self._decode(self._x[src])
             y[seen] = self._y[src]
-        return x, y, valid
+        return x, y
 
-    def sample(self, n: int, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`n` samples drawn uniformly from all filled rows with the CPU `generator`: without
-        replacement when `n <= len(self)`, with replacement otherwise. Returns `(x, y, slots)`."""
-        total = len(self)
-        if n < 0 or (n > 0 and total == 0):
-            raise ValueError(f"cannot sample {n} from a memory holding {total} samples")
-        filled = torch.tensor(self._filled, dtype=torch.int64)
-        flat = (torch.arange(self.quota) < filled.unsqueeze(1)).flatten().nonzero().squeeze(1)
-        if n <= total:
-            pick = torch.randperm(total, generator=generator)[:n]
-        else:
-            pick = torch.randint(total, (n,), generator=generator)
-        chosen = flat[pick]
-        slots = torch.tensor(self._slots, dtype=torch.int64)[chosen // self.quota]
-        chosen = chosen.to(self.device)
-        x = self._decode(self._x.flatten(0, 1)[chosen])
-        return x, self._y.flatten(0, 1)[chosen], slots.to(self.device)
+    def is_view(self, t: torch.Tensor) -> bool:
+        """Whether `t` shares this memory's current storage (costs no memory of its own)."""
+        return t.untyped_storage().data_ptr() == self._x.untyped_storage().data_ptr()
 
     def footprint(self) -> dict[str, int]:
         """Allocated and used storage bytes, budget (0: none), quota and sample count."""

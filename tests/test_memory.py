@@ -296,3 +296,13 @@ def test_clear_forgets_every_task_and_keeps_the_settings():
     mem.add(torch.full((1, 2), 0.5), torch.tensor([7]), slot=1)
     x, y = mem.get(1)
     assert mem.tasks == [1] and y.tolist() == [7] and torch.equal(x, torch.full((1, 2), 0.5))
+
+
+def test_a_state_of_the_wrong_shape_is_refused_with_the_shapes() -> None:
+    mem = EpisodicMemory((2,), per_task=4, max_tasks=3)
+    mem.add(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), slot=0)
+    state = mem.state_dict()
+    state["x"] = state["x"][:, :3]
+    with pytest.raises(ValueError, match=r"needs x float32 \[1, 4, 2\].*got x torch.float32 "
+                                         r"\[1, 3, 2\]"):
+        EpisodicMemory((2,), per_task=4, max_tasks=3).load_state_dict(state)

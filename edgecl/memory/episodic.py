@@ -253,7 +253,11 @@ class EpisodicMemory:
         quota = self._quota_for(max(n, 1))
         if (x.dtype != _DTYPES[self.dtype] or tuple(x.shape) != (n, quota, *self.input_shape)
                 or tuple(y.shape) != (n, quota) or len(filled) != n or len(pos) != n):
-            raise ValueError("memory state tensors do not match its slots and quota")
+            raise ValueError(
+                f"memory state of {n} tasks x {quota} slots needs x {self.dtype} "
+                f"{[n, quota, *self.input_shape]}, y {[n, quota]} and {n} fill counts and "
+                f"positions; got x {x.dtype} {list(x.shape)}, y {list(y.shape)}, "
+                f"{len(filled)} and {len(pos)}")
         self._x = x.to(self.device, copy=True)
         self._y = y.to(self.device, torch.int64, copy=True)
         self._slots, self._filled, self._pos = slots, filled, pos

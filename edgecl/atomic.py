@@ -1,10 +1,14 @@
-"""Crash-safe file replacement: write a temp file beside the target, fsync, rename, fsync dir."""
+"""Crash-safe file replacement: write a temp file beside the target, fsync, rename, fsync dir.
+
+Temp files and folders are created with the modes of any new file (0o666) or folder (0o777)
+and the process umask, so what is renamed into place is as readable as a plainly written file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -18,12 +22,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A fresh hidden name in `parent`: its 64 random bits keep concurrent writers apart."""
+    return parent / f"{prefix}{secrets.token_hex(8)}{suffix}"
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file that replaces `path` only if the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_path(path.parent, f".{path.name}.", ".tmp")
+    # O_EXCL: never someone else's file; 0o666 less the umask, like any new file (not mkstemp's
+    # 0o600, which would leave result.json or checkpoint.pt readable by their owner only).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -5,6 +5,8 @@ Loaded with `weights_only=True`: a checkpoint never runs code when it is read.
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message is a page of advice to unpickle it
+        raise ValueError(f"{path}: not an edgecl checkpoint (a weights-only load refuses what "
+                         "it holds: Python objects, or no pickle at all)") from None
     except Exception as e:  # corrupt, truncated or not a torch file at all
-        raise ValueError(f"{path}: not a readable edgecl checkpoint ({e})") from None
+        raise ValueError(f"{path}: not an edgecl checkpoint ({_one_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an edgecl checkpoint (expected format {FORMAT})")
     return payload
@@ -40,9 +47,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_learner(path: str | Path, device: str | None = None) -> Learner:
     """Rebuild the learner saved at `path`; `device` overrides the saved device setting."""
     payload = read_checkpoint(path)
-    spec_dict = payload["spec"]
-    if device is not None:
-        spec_dict = {**spec_dict, "config": {**spec_dict["config"], "device": device}}
-    learner = build_learner(LearnerSpec.from_dict(spec_dict))
-    learner.load_state_dict(payload["state"])
+    try:
+        spec_dict = payload["spec"]
+        if device is not None:
+            spec_dict = {**spec_dict, "config": {**spec_dict["config"], "device": device}}
+        learner = build_learner(LearnerSpec.from_dict(spec_dict))
+        learner.load_state_dict(payload["state"])
+    except KeyError as e:
+        raise ValueError(f"{path}: damaged edgecl checkpoint (missing key {e})") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # wrong types, shapes or config values
+        raise ValueError(f"{path}: damaged edgecl checkpoint ({_one_line(e)})") from None
     return learner
+
+
+def _one_line(err: BaseException) -> str:
+    first = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {first[0]}" if first else type(err).__name__

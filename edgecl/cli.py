@@ -19,11 +19,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 
 
-@app.callback()
-def _commands() -> None:
-    """Keeps `edgecl` a group of commands even while it has only one."""
-
-
 def fail(message: str, code: int = 2) -> None:
     """Print one clear line and exit (2: bad input)."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -81,12 +76,14 @@ def bench(
     config: Annotated[Path | None, typer.Option(help="YAML preset (see models/).")] = None,
     tasks: Annotated[int | None, typer.Option(help="Number of tasks.")] = None,
     samples_per_task: Annotated[int | None, typer.Option(help="Training samples per task.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Mini-batch size (default: 10).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data, init and sampling (default: 0).")
-                    ] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Mini-batch size (default: the config's, else 10).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of data, init and sampling (default: the config's, else 0).")] = None,
     data_dir: Annotated[Path | None, typer.Option(
         help="Folder with full MNIST / CIFAR-100 (read through torchvision).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (default: auto).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto | cpu | cuda (default: the config's, else auto).")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Output folder (default: runs/<benchmark>-<method>-s<seed>).")] = None,
 ) -> None:
@@ -95,7 +92,7 @@ def bench(
     Writes DIR/result.json, DIR/R.png (heatmap of R) and DIR/checkpoint.pt. With --method all,
     one sub-folder per method plus DIR/comparison.md, comparison.json and comparison.png.
     """
-    from edgecl.bench import load_config_benchmark, run_protocol, write_run
+    from edgecl.bench import learner_spec, load_config_benchmark, run_protocol, write_run
     from edgecl.data import BenchmarkError
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
@@ -103,12 +100,16 @@ def bench(
     try:
         configs = _configs_for(config, overrides)
         data = load_config_benchmark(configs[0])
+        for cfg in configs:
+            learner_spec(cfg, data)  # max_tasks against the benchmark, before any training
     except (ConfigError, BenchmarkError) as e:
         fail(str(e))
     many = len(configs) > 1
     name = method if many else configs[0].method.name
     slug = data.name.replace(":", "_").replace("/", "_")
     out = out or Path("runs") / f"{slug}-{name}-s{configs[0].seed}"
+    for cfg in configs:  # a bad --out fails now, not after the training
+        _make_folder(out / cfg.method.name if many else out)
     results = []
     for cfg in configs:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -121,7 +122,7 @@ def bench(
 
             try:
                 result, learner = run_protocol(cfg, data, advance)
-            except (ConfigError, ValueError, RuntimeError) as e:
+            except (ValueError, RuntimeError) as e:
                 fail(f"{cfg.method.name}: {e}", code=1)
         write_run(out / cfg.method.name if many else out, result, learner)
         results.append(result)
@@ -129,6 +130,15 @@ def bench(
         _write_comparison(out, results, data.name)
     Console().print(_summary_table(results, f"{data.name}: {data.source}, {len(data.tasks)} tasks"))
     console.print(f"results in {out}/")
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        fail(f"{folder}: exists and is not a folder")
+    except OSError as e:
+        fail(f"{folder}: cannot create the output folder ({e.strerror})")
 
 
 def _write_comparison(out: Path, results: list[dict[str, Any]], name: str) -> None:
@@ -145,7 +155,7 @@ def _write_comparison(out: Path, results: list[dict[str, Any]], name: str) -> No
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Option(help="A checkpoint.pt written by bench or learn.")],
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint.pt written by `edgecl bench`.")],
     repo: Annotated[Path, typer.Option(help="Model repository: DIR/<task>/<version>/.")],
     task: Annotated[list[str] | None, typer.Option(
         help="Task to export; repeat for several (default: every task of the checkpoint).")
@@ -159,6 +169,8 @@ def export(
     """
     from edgecl.export import Exporter, ExportError
 
+    if repo.exists() and not repo.is_dir():
+        fail(f"{repo}: exists and is not a folder")
     try:
         exporter = Exporter(checkpoint)
     except (FileNotFoundError, ValueError, ImportError) as e:
@@ -174,7 +186,7 @@ def export(
     for name in task or exporter.tasks:
         try:
             m = exporter.export(name, repo)
-        except (ExportError, ValueError) as e:
+        except (ExportError, ValueError, OSError) as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             failed += 1
             continue
@@ -217,7 +229,7 @@ def serve(
     import signal
     import threading
 
-    from edgecl.serve import TOKEN_ENV, create_server
+    from edgecl.serve import TOKEN_ENV, ListenError, create_server
 
     if not repo.is_dir():
         fail(f"{repo}: no such model repository (create one with `edgecl export`)")
@@ -228,10 +240,10 @@ def serve(
     try:
         server = create_server(repo, host, port, providers.split(",") if providers else None,
                                threads, token, int(max_body_mb * (1 << 20)))
-    except ValueError as e:
+    except (ValueError, ListenError) as e:
         fail(str(e))
-    except OSError as e:
-        fail(f"cannot listen on {host}:{port}: {e.strerror}")
+    except OSError as e:  # the repository folder itself cannot be listed
+        fail(f"{repo}: cannot read the model repository ({e.strerror})")
     served = ", ".join(sorted(server.models.all())) or "none yet"
     auth = "bearer token" if token else "no token"
     console.print(f"listening on {server.url}, serving {served} ({auth})", highlight=False,
@@ -249,9 +261,11 @@ def serve(
 
 def _read_token(path: Path) -> str:
     try:
-        token = path.read_text().strip()
+        token = path.read_text(encoding="utf-8").strip()
     except OSError as e:
         fail(f"{path}: cannot read the token file ({e.strerror})")
+    except UnicodeDecodeError:
+        fail(f"{path}: the token file is not UTF-8 text")
     if not token:
         fail(f"{path}: the token file is empty")
     return token

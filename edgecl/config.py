@@ -119,9 +119,13 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:  # a folder, no permission...
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -141,7 +145,8 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a config mapping, including the method's own hyper-parameters.
 
     The optimiser keys the mapping leaves out come from the method's `optimizer_defaults`
-    (GEM and WSN, for example, are tuned with optimisers of their own).
+    (GEM and WSN, for example, are tuned with optimisers of their own), unless the mapping names
+    another optimiser than theirs: WSN's Adam learning rate is no default for SGD.
     """
     from edgecl.learners import learner_class, method_params  # the registry lives there
 
@@ -149,8 +154,10 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         defaults = learner_class(_method_name(data)).optimizer_defaults
     except (KeyError, TypeError):
         defaults = {}  # an unknown method is reported below, with the valid names
-    if isinstance(data.get("optimizer", {}), dict):
-        data = {**data, "optimizer": {**defaults, **data.get("optimizer", {})}}
+    optimizer = data.get("optimizer", {})
+    default_name = defaults.get("name", OptimizerConfig.model_fields["name"].default)
+    if isinstance(optimizer, dict) and optimizer.get("name", default_name) == default_name:
+        data = {**data, "optimizer": {**defaults, **optimizer}}
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:

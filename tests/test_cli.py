@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from edgecl import bench as bench_module
 from edgecl.checkpoint import load_learner
 from edgecl.cli import app
 from edgecl.learners import LEARNERS
@@ -43,12 +44,30 @@ def test_same_seed_same_result(tmp_path):
     (["--method", "nope"], "unknown method 'nope'; valid: finetune"),
     (["--tasks", "0"], "n_tasks"),
     (["--config", "/nonexistent.yaml"], "no such config file"),
+    (["--config", "{tmp}"], "{tmp}: cannot read the config file (Is a directory)"),
+    (["--config", "{tmp}/latin1.yaml"], "{tmp}/latin1.yaml: not UTF-8 text"),
+    (["--config", "{tmp}/max2.yaml", "--tasks", "3"],
+     "max_tasks: 2 is fewer than the benchmark's 3 tasks"),
+    (["--out", "{tmp}/file"], "{tmp}/file: exists and is not a folder"),
+    (["--method", "all", "--out", "{tmp}/with-file"],
+     "{tmp}/with-file/finetune: exists and is not a folder"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    r = bench(*args, "--out", str(tmp_path))
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, message):
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1  # réglé\n".encode("latin-1"))
+    (tmp_path / "max2.yaml").write_text("max_tasks: 2\n")
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "with-file").mkdir()
+    (tmp_path / "with-file" / "finetune").write_text("not a folder")
+
+    def no_training(*_):
+        raise AssertionError("bad input must be refused before any training")
+
+    monkeypatch.setattr(bench_module, "run_protocol", no_training)
+    r = bench("--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args))
     assert r.exit_code == 2
-    assert message in r.output
-    assert not (tmp_path / "result.json").exists()
+    [line] = r.output.splitlines()  # one line, nothing else
+    assert line.startswith("error: ") and message.format(tmp=tmp_path) in line
+    assert not (tmp_path / "out" / "result.json").exists()
 
 
 def test_method_all_compares_every_method(tmp_path):
@@ -61,3 +80,11 @@ def test_method_all_compares_every_method(tmp_path):
         assert (tmp_path / name / "result.json").exists()
     assert (tmp_path / "comparison.png").exists()
     assert len(json.loads((tmp_path / "comparison.json").read_text())) == len(LEARNERS)
+
+
+def test_help_says_the_configs_values_win_and_names_only_existing_commands():
+    r = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    for option in ("Mini-batch size", "Seed of data, init and sampling", "auto | cpu | cuda"):
+        assert f"{option} (default: the config's, else " in r.output
+    r = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
+    assert "A checkpoint.pt written by `edgecl bench`." in r.output and "learn" not in r.output

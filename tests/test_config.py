@@ -47,6 +47,15 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_config(tmp_path / "absent.yaml")
 
 
+def test_a_folder_or_non_utf8_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read the config file \(Is a directory\)"):
+        load_config(tmp_path)
+    latin1 = tmp_path / "c.yaml"
+    latin1.write_bytes("seed: 1  # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c\.yaml: not UTF-8 text \(byte 12 cannot be decoded"):
+        load_config(latin1)
+
+
 def test_overrides_merge_and_a_new_method_drops_the_presets_method_params(tmp_path):
     p = write(tmp_path, "net: {name: resnet18, nf: 8}\n"
                         "method: {name: independent, warm_start: true}")
@@ -72,3 +81,15 @@ def test_a_method_brings_its_tuned_optimizer_unless_the_config_states_one(tmp_pa
     # switching a preset to another method drops the preset's optimiser with its method
     switched = load_config(MODELS / "finetune.yaml", {"method": {"name": "wsn"}})
     assert switched.optimizer.name == "adam"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("optimizer: {name: sgd}\nmethod: {name: wsn}", ("sgd", 0.03)),  # not WSN's Adam lr
+    ("optimizer: {name: adam}\nmethod: {name: wsn}", ("adam", 0.003)),
+    ("optimizer: {name: adam}\nmethod: {name: gem}", ("adam", 0.03)),  # not GEM's SGD lr
+    ("optimizer: {name: sgd}\nmethod: {name: gem}", ("sgd", 0.1)),
+    ("method: {name: agem}", ("sgd", 0.1)),
+])
+def test_a_methods_optimizer_defaults_apply_only_to_its_own_optimizer(tmp_path, text, expected):
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.optimizer.name, cfg.optimizer.lr) == expected

@@ -1,6 +1,8 @@
 """`edgecl export`: per-task ONNX models, verified against torch, published atomically."""
 
 import copy
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -11,10 +13,11 @@ from conftest import make_learner, task_batches
 from typer.testing import CliRunner
 
 from edgecl import export
-from edgecl.checkpoint import save_checkpoint
+from edgecl.atomic import atomic_write_text
+from edgecl.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from edgecl.cli import app
 from edgecl.export import Exporter, ExportError, VerificationError
-from edgecl.learners import LEARNERS, learner_class
+from edgecl.learners import LEARNERS
 from edgecl.serve import repository
 
 CLASSES = ["cat", "dog", "eel"]
@@ -58,10 +61,6 @@ def methods_and_heads():
 
 @pytest.mark.parametrize(("method", "head"), list(methods_and_heads()))
 def test_exported_model_reproduces_the_learner(tmp_path, method, head):
-    try:
-        learner_class(method)
-    except ModuleNotFoundError:
-        pytest.skip(f"{method} is not implemented yet")
     learner = trained_checkpoint(tmp_path, method, head)
     manifest = Exporter(tmp_path / "c.pt").export("t1", tmp_path / "repo")
     x = torch.rand(7, 1, 4, 4)
@@ -114,6 +113,30 @@ def test_versions_only_increase_and_a_version_taken_meanwhile_is_kept(tmp_path, 
     assert (repo / "t0" / "2" / "model.onnx").read_bytes() == b"second"
     assert (repo / "t0" / "3" / "model.onnx").read_bytes() == b"third"
     assert sorted(p.name for p in (repo / "t0").iterdir()) == ["1", "2", "3"]  # no staging left
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_published_and_atomically_written_files_get_the_umasks_modes(tmp_path, umask_027):
+    trained_checkpoint(tmp_path)  # save_checkpoint writes through atomic_open
+    atomic_write_text(tmp_path / "result.json", "{}")
+    Exporter(tmp_path / "c.pt").export("t0", tmp_path / "repo")
+    version = tmp_path / "repo" / "t0" / "1"
+    assert mode(version) == 0o750  # 0o777 & ~0o027, not a temp folder's 0o700
+    for path in (tmp_path / "c.pt", tmp_path / "result.json", version / "model.onnx",
+                 version / "manifest.json"):
+        assert mode(path) == 0o640, path  # 0o666 & ~0o027, not a temp file's 0o600
 
 
 def test_a_model_that_fails_verification_is_not_published(tmp_path, monkeypatch):
@@ -171,13 +194,55 @@ def test_cli_publishes_the_tasks_that_pass_and_exits_1(tmp_path, monkeypatch):
     assert repository.tasks(tmp_path / "repo") == ["t1"]
 
 
+def test_cli_reports_a_task_it_cannot_write_and_exports_the_others(tmp_path):
+    trained_checkpoint(tmp_path)
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "t0").write_text("in the way of t0's folder")
+    r = cli("export", "--checkpoint", tmp_path / "c.pt", "--repo", tmp_path / "repo")
+    assert r.exit_code == 1
+    assert f"error: [Errno 17] File exists: '{tmp_path / 'repo' / 't0'}'" in r.output
+    assert repository.tasks(tmp_path / "repo") == ["t1"]
+
+
+class NotAWeight:
+    pass
+
+
+def damage(tmp_path, kind):
+    """tmp_path/bad.pt, broken in one way, from the good tmp_path/c.pt."""
+    bad = tmp_path / "bad.pt"
+    payload = read_checkpoint(tmp_path / "c.pt")
+    if kind == "no spec":
+        del payload["spec"]
+    elif kind == "no net state":
+        del payload["state"]["net"]
+    elif kind == "python objects":
+        payload = {"format": FORMAT, "spec": NotAWeight()}
+    if kind == "text":
+        bad.write_text("not a checkpoint\n")
+    else:
+        torch.save(payload, bad)
+    return bad
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--task", "nope"], "unknown task(s) nope; the checkpoint has: t0, t1"),
     (["--checkpoint", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
+    (["--repo", "{tmp}/b.npz"], "{tmp}/b.npz: exists and is not a folder"),
+    (["--checkpoint", "no spec"], "{tmp}/bad.pt: damaged edgecl checkpoint (missing key 'spec')"),
+    (["--checkpoint", "no net state"],
+     "{tmp}/bad.pt: damaged edgecl checkpoint (missing key 'net')"),
+    (["--checkpoint", "python objects"],
+     "{tmp}/bad.pt: not an edgecl checkpoint (a weights-only load refuses what it holds"),
+    (["--checkpoint", "text"], "{tmp}/bad.pt: not an edgecl checkpoint ("),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     trained_checkpoint(tmp_path)
-    r = cli("export", "--checkpoint", tmp_path / "c.pt", "--repo", tmp_path / "repo", *args)
+    if args[0] == "--checkpoint" and not args[1].startswith("/"):
+        args = ["--checkpoint", damage(tmp_path, args[1])]
+    r = cli("export", "--checkpoint", tmp_path / "c.pt", "--repo", tmp_path / "repo",
+            *(str(a).format(tmp=tmp_path) for a in args))
     assert r.exit_code == 2
-    assert message in r.output
+    [line] = r.output.splitlines()  # one line, nothing else
+    assert line.startswith("error: ") and message.format(tmp=tmp_path) in line
     assert not (tmp_path / "repo").exists()

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from edgecl.cli import app
 from edgecl.export import Exporter
-from edgecl.serve import create_server, repository
+from edgecl.serve import ListenError, create_server, repository
 from edgecl.serve.client import Client, ServeError
 from edgecl.serve.metrics import Histogram
 from edgecl.serve.protocol import BINARY_HEADER
@@ -111,6 +111,25 @@ def republish(repo, source, task, model=None, **changes):
     fields = repository.read_manifest(source).model_dump(exclude={"version"})
     data = (source / repository.MODEL_FILE).read_bytes() if model is None else model
     return repository.publish(repo, data, {**fields, "task": task, **changes})
+
+
+def place(repo, source, task, version, manifest=None, **changes):
+    """Write version `version` of `task` by hand: `source`'s model with `manifest` text (or its
+    manifest JSON with `changes`; with manifest="folder", a folder named manifest.json).
+
+    It is built in a hidden folder and renamed into place whole, as `publish` does, so a poll
+    never sees it half written.
+    """
+    staging = repo / task / ".staging-test"
+    staging.mkdir()
+    shutil.copy(source / repository.MODEL_FILE, staging)
+    if manifest == "folder":
+        (staging / repository.MANIFEST_FILE).mkdir()
+    else:
+        fields = {**json.loads((source / repository.MANIFEST_FILE).read_text()),
+                  "task": task, "version": version, **changes}
+        (staging / repository.MANIFEST_FILE).write_text(manifest or json.dumps(fields))
+    staging.rename(repo / task / str(version))
 
 
 def test_infer_returns_the_learners_logits(repo, learner):
@@ -217,9 +236,10 @@ def test_binary_tensors_in_and_out(repo, learner):
         np.testing.assert_allclose(answer["outputs"][0]["data"], expected.ravel(), atol=1e-5)
         status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", body[:-4], headers)
         assert status == 400 and "binary_data_size 192 must equal the 188 bytes" in answer["error"]
-        status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", body,
-                                    {BINARY_HEADER: str(len(body) + 1)})
-        assert status == 400 and "is not a length within" in answer["error"]
+        for length in (str(len(body) + 1), "²"):  # "²".isdigit() but int("²") fails
+            status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", body,
+                                        {BINARY_HEADER: length})
+            assert status == 400 and "is not a length within" in answer["error"]
 
 
 def raw_exchange(server, data: bytes) -> bytes:
@@ -240,6 +260,20 @@ def test_oversized_bodies_are_refused_and_malformed_http_answered(repo):
         assert raw_exchange(server, chunked).startswith(b"HTTP/1.1 413")
         assert raw_exchange(server, b"GET / / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
         assert request(connect(server), "GET", "/v2/health/live")[0] == 200
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("PUT", "/v2/models/t0/infer", "POST"),
+    ("DELETE", "/v2/models/t0", "GET"),
+    ("HEAD", "/v2/health/ready", "GET"),
+])
+def test_other_methods_get_405_with_allow(repo, method, path, allow):
+    with running(repo) as server:
+        conn = connect(server)
+        conn.request(method, path)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 405 and response.getheader("Allow") == allow
 
 
 def test_requests_share_one_keep_alive_connection(repo):
@@ -263,6 +297,20 @@ def test_a_bearer_token_guards_everything_but_health(repo):
         assert request(connect(server), "GET", "/v2/health/ready")[0] == 200
         with Client(server.url, token="s3cret") as client:
             assert client.infer("t0", GOOD).shape == (1, 3)
+        for given in ("bearer s3cret", "BEARER  s3cret"):  # RFC 9110: scheme case-insensitive
+            assert request(connect(server), "GET", "/metrics",
+                           headers={"Authorization": given})[0] == 200
+        for given in ("Bearers3cret", "Basic s3cret", "Bearer s3cre"):
+            assert request(connect(server), "GET", "/metrics",
+                           headers={"Authorization": given})[0] == 401
+
+
+def test_an_ipv6_address_is_announced_in_brackets(repo):
+    try:
+        with running(repo, host="::1") as server, Client(server.url) as client:
+            assert re.fullmatch(r"http://\[::1\]:\d+", server.url) and client.ready()
+    except ListenError:
+        pytest.skip("no IPv6 loopback here")
 
 
 def test_a_new_version_is_swapped_in_without_failing_a_request(repo, learner):
@@ -313,9 +361,7 @@ def corrupt(repo, kind):
         wrong = [[v + 1.0 for v in row] for row in probe.logits]
         republish(repo, source, "t0", probe={**probe.model_dump(), "logits": wrong})
     else:
-        (repo / "t0" / "2").mkdir()
-        shutil.copy(source / repository.MODEL_FILE, repo / "t0" / "2")
-        (repo / "t0" / "2" / repository.MANIFEST_FILE).write_text("{not json")
+        place(repo, source, "t0", 2, manifest="{not json")
     return kind
 
 
@@ -343,6 +389,50 @@ def test_at_start_a_corrupt_newest_version_falls_back_to_the_previous(repo):
         assert metric(server, 'edgecl_model_version{task="t0"}') == 1
 
 
+def unreadable(repo, kind):
+    """Version 2 of t0 that once raised OSError or ValueError while loading; returns the
+    refusal reason expected."""
+    source = repo / "t1" / "1"
+    if kind == "manifest folder":
+        place(repo, source, "t0", 2, manifest="folder")
+        return "manifest"
+    if kind == "negative shape":
+        place(repo, source, "t0", 2, input={"name": "input", "shape": [-1, -1, 4, 4]})
+        return "verify"
+    probe = repository.read_manifest(source).probe.model_dump()
+    place(repo, source, "t0", 2, probe={**probe, "logits": [[0.0], *probe["logits"][1:]]})
+    return "manifest"
+
+
+UNREADABLE = ["manifest folder", "negative shape", "ragged probe"]
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_an_unreadable_version_is_refused_and_other_tasks_still_reload(repo, kind):
+    with running(repo) as server:
+        reason = unreadable(repo, kind)
+        republish(repo, repo / "t1" / "1", "t1")  # scanned after t0's bad version 2
+        wait_for(lambda: server.models.get("t1").version == 2, "t1's version 2")
+        refused = f'edgecl_model_refused_total{{task="t0",reason="{reason}"}}'
+        wait_for(lambda: metric(server, refused) == 1, f"refusal for {reason}")
+        time.sleep(0.2)  # several more polls: it is not retried
+        assert metric(server, refused) == 1 and server.models.get("t0").version == 1
+
+
+@pytest.mark.parametrize("kind", UNREADABLE)
+def test_at_start_an_unreadable_version_is_refused(repo, kind):
+    reason = unreadable(repo, kind)
+    with running(repo) as server:
+        assert server.models.get("t0").version == 1 and server.models.get("t1").version == 1
+        assert metric(server, f'edgecl_model_refused_total{{task="t0",reason="{reason}"}}') == 1
+
+
+def test_only_ascii_digit_folders_are_versions(tmp_path):
+    for name in ("1", "3", "0", "²", "١", ".staging-5"):
+        (tmp_path / "t0" / name).mkdir(parents=True)
+    assert repository.versions(tmp_path, "t0") == [1, 3]
+
+
 def test_metrics_count_requests_and_latencies(repo):
     with running(repo) as server:
         conn = connect(server)
@@ -354,6 +444,7 @@ def test_metrics_count_requests_and_latencies(repo):
         assert 'edgecl_inference_seconds_count{task="t1"} 3' in text
         assert 'edgecl_request_seconds_bucket{task="t1",le="+Inf"} 3' in text
         assert 'edgecl_model_version{task="t0"} 1' in text
+        assert "(request received, before its body is read, to response sent)" in text
 
 
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive():
@@ -403,3 +494,29 @@ def test_cli_serves_until_sigterm(repo):
 def test_cli_bad_input_is_one_line_and_exit_code_2(repo, args, message):
     r = CliRunner().invoke(app, ["serve", "--repo", str(repo), "--port", "0", *args])
     assert r.exit_code == 2 and message in r.output
+
+
+def test_cli_says_cannot_listen_only_when_the_socket_cannot_bind(repo, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", "--repo", str(repo), "--port", str(port)])
+    assert r.exit_code == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in r.output
+
+    def unlistable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(repository, "tasks", unlistable)
+    r = CliRunner().invoke(app, ["serve", "--repo", str(repo), "--port", "0"])
+    assert r.exit_code == 2
+    assert f"error: {repo}: cannot read the model repository (Permission denied)" in r.output
+    assert "cannot listen" not in r.output
+
+
+def test_cli_refuses_a_token_file_that_is_not_utf8(repo, tmp_path):
+    (tmp_path / "token").write_bytes(b"\xff\xfesecret")
+    r = CliRunner().invoke(app, ["serve", "--repo", str(repo), "--port", "0",
+                                 "--token-file", str(tmp_path / "token")])
+    assert r.exit_code == 2 and "token: the token file is not UTF-8 text" in r.output

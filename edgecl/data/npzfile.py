@@ -6,10 +6,12 @@ Format (read with ``np.load(path, allow_pickle=False)``; write it with ``np.save
 - ``task{i}_x_train``: numeric array [n, *sample_shape] (bool, integer or float; stored as
   float32, values used as given, no scaling). ``sample_shape`` has at least one dimension and
   is the same for every task and split, e.g. (784,), (1, 28, 28) or (3, 32, 32).
-- ``task{i}_y_train``: integer array [n] of labels >= 0.
+- ``task{i}_y_train``: integer array [n] of labels >= 0 (below 100,000 unless ``classes``
+  names more).
 - ``task{i}_x_test``, ``task{i}_y_test``: the same for the task's test set.
 - ``task{i}_name`` (optional): 0-d string array, the task id (default ``task{i:02d}``, e.g.
-  ``task00``); ids must be unique.
+  ``task00``); ids must be unique and name a model folder: up to 128 letters, digits, ``.``,
+  ``_`` or ``-``, starting with a letter or digit.
 
 Optional keys for the whole file:
 
@@ -41,6 +43,7 @@ from edgecl.data.core import Benchmark, BenchmarkError, TaskData
 
 _TASK_KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name)")
 _SPLITS = ("train", "test")
+MAX_UNNAMED_CLASSES = 100_000  # labels without a `classes` array: a label of 2e9 is a mistake
 _EXPECTED = ("task{i}_x_train, task{i}_y_train, task{i}_x_test, task{i}_y_test, task{i}_name, "
              "head, classes")
 
@@ -169,10 +172,16 @@ def _task(path: Path, i: int, parts: dict[str, np.ndarray],
 def _task_id(path: Path, i: int, array: np.ndarray | None) -> str:
     if array is None:
         return task_name(i)
+    # A task id names its model folder, so the model repository's rule applies (imported here:
+    # edgecl.serve loads onnxruntime, which only files that name their tasks need to pay for).
+    from edgecl.serve.repository import TASK_ID, TASK_ID_RULE
+
     value = _string(array)
     if not value:
         raise _error(path, f"task{i}_name", "must be a non-empty 0-d string array, got "
                                             f"{array.dtype} array of shape {array.shape}")
+    if not TASK_ID.fullmatch(value):
+        raise _error(path, f"task{i}_name", f"is {value!r}, not a task id: use {TASK_ID_RULE}")
     return value
 
 
@@ -199,13 +208,15 @@ def _labels(path: Path, key: str, y: np.ndarray, n: int, names: tuple[str, ...] 
                                 "(convert with .astype(np.int64))")
     if len(y) != n:
         raise _error(path, key, f"has {len(y)} labels but its x array has {n} samples")
-    labels = y.astype(np.int64)
-    if labels.min() < 0:
-        raise _error(path, key, f"has negative label {labels.min()} (labels must be >= 0)")
-    if names and labels.max() >= len(names):
-        raise _error(path, key, f"has label {labels.max()} but 'classes' names only "
+    if y.min() < 0:  # checked in y's own dtype: uint64 above 2**63 would wrap in int64
+        raise _error(path, key, f"has negative label {y.min()} (labels must be >= 0)")
+    if names and y.max() >= len(names):
+        raise _error(path, key, f"has label {y.max()} but 'classes' names only "
                                 f"{len(names)} labels (0..{len(names) - 1})")
-    return labels
+    if not names and y.max() >= MAX_UNNAMED_CLASSES:
+        raise _error(path, key, f"has label {y.max()}; without a 'classes' array labels must "
+                                f"be below {MAX_UNNAMED_CLASSES:,}")
+    return y.astype(np.int64)
 
 
 def _check_tasks(path: Path, tasks: list[_Task]) -> None:

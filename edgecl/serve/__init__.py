@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgecl.serve.http import DEFAULT_MAX_BODY_BYTES, InferenceApp, InferenceServer
+from edgecl.serve.http import DEFAULT_MAX_BODY_BYTES, InferenceApp, InferenceServer, ListenError
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
 from edgecl.serve.runtime import choose_providers, load_model
@@ -36,4 +36,4 @@ def create_server(repo: Path, host: str = "127.0.0.1", port: int = 8080,
     return InferenceServer(InferenceApp(models, metrics, token, max_body_bytes), host, port)
 
 
-__all__ = ["TOKEN_ENV", "InferenceServer", "create_server"]
+__all__ = ["TOKEN_ENV", "InferenceServer", "ListenError", "create_server"]

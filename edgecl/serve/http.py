@@ -49,6 +49,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class ListenError(Exception):
+    """The server's socket cannot be set up: unknown host, address in use, no permission."""
+
+
 class Response(NamedTuple):
     status: int
     body: bytes
@@ -86,10 +90,12 @@ class InferenceApp:
             elif method == "POST":
                 response = await self._post(path, url, headers, receive)
             else:
-                raise RequestError(405, f"method {method} not allowed")
+                allow = "POST" if url and url["action"] == "/infer" else "GET"
+                raise RequestError(405, f"method {method} not allowed; use {allow}", close=True,
+                                   headers=((b"allow", allow.encode()),))
         except RequestError as e:
             close = ((b"connection", b"close"),) if e.close else ()
-            response = Response(e.status, _json({"error": str(e)}), JSON, close)
+            response = Response(e.status, _json({"error": str(e)}), JSON, (*e.headers, *close))
         except Exception:
             log.exception("%s %s failed", method, path)
             response = Response(500, _json({"error": "internal error; see the log"}))
@@ -136,8 +142,10 @@ class InferenceApp:
     def _authorize(self, headers: dict[bytes, bytes]) -> None:
         if self.token is None:
             return
-        given = headers.get(b"authorization", b"")
-        if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+        # RFC 9110: the scheme is case-insensitive and one or more spaces follow it
+        scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
+        if not (scheme.lower() == b"bearer"
+                and hmac.compare_digest(credentials.lstrip(b" "), self.token.encode())):
             raise RequestError(401, "missing or wrong bearer token", close=True)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
@@ -180,18 +188,26 @@ async def _send(send: Send, response: Response) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+def _address(host: str, port: int) -> str:
+    """host:port, an IPv6 literal in brackets (RFC 3986)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket; its proto must say TCP, or asyncio leaves Nagle on (40 ms waits)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
-    sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:  # socket.gaierror included: an unknown host
+        raise ListenError(f"cannot listen on {_address(host, port)}: {e.strerror}") from None
     return sock
 
 
@@ -215,7 +231,7 @@ class InferenceServer:
     @property
     def url(self) -> str:
         host, port = self.socket.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"http://{_address(host, port)}"
 
     @property
     def started(self) -> bool:

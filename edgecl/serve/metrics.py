@@ -81,7 +81,7 @@ class ServerMetrics:
                 *(f'edgecl_requests_total{{task="{t}",code="{c}"}} {n}'
                   for (t, c), n in sorted(self.requests.items())),
                 "# HELP edgecl_request_seconds Inference request latency in the server "
-                "(body read to response written).",
+                "(request received, before its body is read, to response sent).",
                 "# TYPE edgecl_request_seconds histogram",
                 *self.request_seconds.render("edgecl_request_seconds", "task"),
                 "# HELP edgecl_inference_seconds onnxruntime run time per request.",

@@ -27,7 +27,7 @@ def file_signature(version_dir: Path) -> FileSignature:
     for name in (repository.MODEL_FILE, repository.MANIFEST_FILE):
         try:
             st = (version_dir / name).stat()
-        except FileNotFoundError:
+        except OSError:  # missing or unreadable: the load refuses it and says why
             continue
         out.append((st.st_mtime_ns, st.st_size))
     return tuple(out)
@@ -43,6 +43,7 @@ class LiveModels:
         self._metrics = metrics
         self._models: dict[str, LoadedModel] = {}  # replaced, never mutated: readers take no lock
         self._refused: dict[tuple[str, int], FileSignature] = {}
+        self._scan_errors: dict[str, str] = {}  # task -> why its folder cannot be listed
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -54,10 +55,23 @@ class LiveModels:
         return self._models
 
     def refresh(self) -> None:
-        """Load the newest loadable version of every task newer than the one serving."""
+        """Load the newest loadable version of every task newer than the one serving.
+
+        Each task on its own: one whose folder cannot be listed, or whose refresh fails in any
+        other way, is logged and the other tasks still get their new versions.
+        """
         with self._refresh_lock:
             for task in repository.tasks(self.repo):
-                self._refresh_task(task)
+                try:
+                    self._refresh_task(task)
+                except OSError as e:  # logged once, not at every poll, until it changes
+                    if self._scan_errors.get(task) != str(e):
+                        log.warning("cannot scan %s: %s", self.repo / task, e)
+                    self._scan_errors[task] = str(e)
+                except Exception:
+                    log.exception("refreshing %s failed", self.repo / task)
+                else:
+                    self._scan_errors.pop(task, None)
 
     def _refresh_task(self, task: str) -> None:
         serving = self._models.get(task)

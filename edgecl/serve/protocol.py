@@ -23,15 +23,17 @@ BINARY_HEADER = "Inference-Header-Content-Length"
 
 
 class RequestError(Exception):
-    """A client mistake: answered with `status` and the message.
+    """A client mistake: answered with `status`, the message and any extra `headers`.
 
     `close` ends the connection: needed when the request body was not read.
     """
 
-    def __init__(self, status: int, message: str, close: bool = False) -> None:
+    def __init__(self, status: int, message: str, close: bool = False,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.close = close
+        self.headers = headers
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +77,7 @@ def parse_json(data: bytes) -> dict[str, Any]:
 def _split(body: bytes, json_length: str | None) -> tuple[bytes, bytes]:
     if json_length is None:
         return body, b""
-    if not json_length.isdigit() or int(json_length) > len(body):
+    if not (json_length.isascii() and json_length.isdigit()) or int(json_length) > len(body):
         raise RequestError(400, f"{BINARY_HEADER} {json_length!r} is not a length within the "
                                 f"{len(body)}-byte body")
     n = int(json_length)

@@ -16,19 +16,26 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
-from edgecl.atomic import fsync_dir
+from edgecl.atomic import fsync_dir, temp_path
 
 FORMAT = "edgecl-model/1"
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TASK_ID_RULE = "up to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 PROBE_SEED = 0
 PROBE_BATCH = 4
 
@@ -63,9 +70,15 @@ class Verification(_Frozen):
 class Probe(_Frozen):
     """Logits of `probe_input(...)` at export: a loader re-runs them to verify its runtime."""
 
-    seed: int = PROBE_SEED
-    batch: int = PROBE_BATCH
+    seed: NonNegativeInt = PROBE_SEED
+    batch: PositiveInt = PROBE_BATCH
     logits: list[list[float]]
+
+    @model_validator(mode="after")
+    def _one_row_per_sample(self) -> Probe:
+        if len(self.logits) != self.batch or len({len(row) for row in self.logits}) != 1:
+            raise ValueError(f"logits must be {self.batch} rows of one length")
+        return self
 
 
 class Manifest(_Frozen):
@@ -93,8 +106,7 @@ class Manifest(_Frozen):
 def check_task_id(task: str) -> str:
     """Task ids become folder names and URL segments: letters, digits, '.', '_', '-'."""
     if not TASK_ID.fullmatch(task):
-        raise ValueError(f"task id {task!r} cannot name a model folder: use up to 128 letters, "
-                         "digits, '.', '_' or '-', starting with a letter or digit")
+        raise ValueError(f"task id {task!r} cannot name a model folder: use {TASK_ID_RULE}")
     return task
 
 
@@ -121,7 +133,7 @@ def versions(repo: Path, task: str) -> list[int]:
     if not folder.is_dir():
         return []
     return sorted(int(p.name) for p in folder.iterdir()
-                  if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+                  if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
 
 
 def read_manifest(version_dir: Path) -> Manifest:
@@ -131,6 +143,8 @@ def read_manifest(version_dir: Path) -> Manifest:
         manifest = Manifest.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise ManifestError(f"{path}: missing") from None
+    except OSError as e:  # not readable, a folder...
+        raise ManifestError(f"{path}: cannot be read ({e.strerror})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
@@ -150,7 +164,8 @@ def publish(repo: Path, model: bytes, manifest_fields: dict[str, Any]) -> Manife
     task = check_task_id(manifest_fields["task"])
     task_dir = repo / task
     task_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=task_dir))
+    staging = temp_path(task_dir, ".staging-")
+    staging.mkdir()  # 0o777 less the umask: the published version is as readable as any folder
     try:
         _write_synced(staging / MODEL_FILE, model)
         version = 0

@@ -111,9 +111,11 @@ def _verify(model: LoadedModel) -> None:
     m, where = model.manifest, model.path
     io = [(model.session.get_inputs(), m.input), (model.session.get_outputs(), m.output)]
     for (actual, *extra), spec in io:
-        if extra or actual.name != spec.name or actual.type != "tensor(float)":
-            raise ModelRefused("verify", f"{where}: the graph's {actual.name} ({actual.type}) "
-                                         f"does not match the manifest's {spec.name}")
+        if (extra or actual.name != spec.name or actual.type != "tensor(float)"
+                or list(actual.shape[1:]) != spec.shape[1:]):
+            raise ModelRefused("verify", f"{where}: the graph's {actual.name} ({actual.type}, "
+                                         f"shape {actual.shape}) does not match the manifest's "
+                                         f"{spec.name} (shape {spec.shape})")
     probe = probe_input(m.input.shape[1:], m.probe.seed, m.probe.batch)
     try:
         logits = model.infer(probe)

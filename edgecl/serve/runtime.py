@@ -52,8 +52,9 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
 def session_options(threads: int = 1) -> ort.SessionOptions:
     """Sequential graph, `threads` intra-op threads, no spin-waiting.
 
-    One thread is the default: at batch 1 a thread pool only adds hand-over cost (the MLP takes
-    8 us on 1 thread, 12-17 us on 2: benchmarks/onnx_vs_torch.py), and spinning workers would
+    One thread is the default: at batch 1 a thread pool only adds hand-over cost (for the MLP
+    benchmarks/onnx_vs_torch.py measures 8.3-8.7 us on 1 thread, 10.2-12.7 us on 2; see the
+    README), and spinning workers would
     steal the cores the server's event loop and the learner need on a 2-core device.
     """
     options = ort.SessionOptions()

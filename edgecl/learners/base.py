@@ -96,7 +96,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device; use 'auto' "
+                           "or 'cpu' (load_learner takes device='cpu' for a CUDA checkpoint)")
     return torch.device(name)
 
 

@@ -15,7 +15,7 @@ from edgecl.data.common import (
     Split,
     class_split_benchmark,
     data_root,
-    import_vision_datasets,
+    read_vision_splits,
 )
 from edgecl.data.core import Benchmark, BenchmarkError
 
@@ -39,18 +39,11 @@ def _split(data_dir: str | Path | None) -> Split:
 
 @functools.cache
 def _cifar(root: Path) -> Split:
-    datasets = import_vision_datasets("cifar100")
-    arrays = []
-    for train in (True, False):
-        try:
-            cifar = datasets.CIFAR100(str(root), train=train, download=False)
-        except RuntimeError as err:
-            raise BenchmarkError(
-                f"CIFAR-100 not found: expected torchvision's files in "
-                f"{root / 'cifar-100-python'} (train, test, meta); fetch them once with "
-                f"{_FETCH.format(root=str(root))}") from err
-        images = np.ascontiguousarray(cifar.data.transpose(0, 3, 1, 2))  # NHWC -> NCHW
-        arrays += [images, np.asarray(cifar.targets, dtype=np.int64)]
-    x_train, y_train, x_test, y_test = arrays
-    return Split(x_train, y_train, x_test, y_test, scale=255.0, classes=tuple(cifar.classes),
+    train, test = read_vision_splits(
+        "cifar100", "CIFAR100", root,
+        f"CIFAR-100 not found: expected torchvision's files in {root / 'cifar-100-python'} "
+        f"(train, test, meta); fetch them once with {_FETCH.format(root=str(root))}")
+    x_train, x_test = (np.ascontiguousarray(d.data.transpose(0, 3, 1, 2)) for d in (train, test))
+    y_train, y_test = (np.asarray(d.targets, dtype=np.int64) for d in (train, test))
+    return Split(x_train, y_train, x_test, y_test, scale=255.0, classes=tuple(train.classes),
                  source=f"torchvision CIFAR-100 at {root} (50,000 train / 10,000 test)")

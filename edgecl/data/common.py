@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +82,17 @@ def import_vision_datasets(what: str) -> ModuleType:
         raise BenchmarkError(f"{what} needs torchvision, which failed to import ({reason}); "
                              f"{VISION_HINT}") from err
     return datasets
+
+
+def read_vision_splits(what: str, dataset: str, root: Path, missing: str) -> tuple[Any, Any]:
+    """Train and test split of ``torchvision.datasets.<dataset>`` from the files under ``root``
+    (never downloaded); when torchvision cannot find them, BenchmarkError(``missing``)."""
+    reader = getattr(import_vision_datasets(what), dataset)
+    try:
+        return (reader(str(root), train=True, download=False),
+                reader(str(root), train=False, download=False))
+    except RuntimeError as err:
+        raise BenchmarkError(missing) from err
 
 
 def transformed_benchmark(name: str, load_split: Callable[[], Split], transform: TaskTransform,

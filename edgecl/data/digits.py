@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.data.common import DIGIT_CLASSES, Split, data_root, import_vision_datasets
-from edgecl.data.core import BenchmarkError
+from edgecl.data.common import DIGIT_CLASSES, Split, data_root, read_vision_splits
 
 TRAIN_PER_CLASS = 400
 _SPLIT_SEED = 2017  # constant: the embedded train/test split is the same for every run
@@ -43,18 +42,13 @@ def _embedded() -> Split:
 
 @functools.cache
 def _full(root: Path) -> Split:
-    datasets = import_vision_datasets("full MNIST (data_dir)")
-    arrays = []
-    for train in (True, False):
-        try:
-            mnist = datasets.MNIST(str(root), train=train, download=False)
-        except RuntimeError as err:
-            raise BenchmarkError(
-                f"full MNIST not found: expected torchvision's files in {root / 'MNIST' / 'raw'} "
-                "(train-images-idx3-ubyte etc.); fetch them once with "
-                f"torchvision.datasets.MNIST({str(root)!r}, download=True), "
-                "or leave data_dir unset to use the embedded 5,000 digits") from err
-        arrays += [mnist.data.numpy()[:, None], mnist.targets.numpy().astype(np.int64)]
-    x_train, y_train, x_test, y_test = arrays
+    train, test = read_vision_splits(
+        "full MNIST (data_dir)", "MNIST", root,
+        f"full MNIST not found: expected torchvision's files in {root / 'MNIST' / 'raw'} "
+        "(train-images-idx3-ubyte etc.); fetch them once with "
+        f"torchvision.datasets.MNIST({str(root)!r}, download=True), "
+        "or leave data_dir unset to use the embedded 5,000 digits")
+    x_train, x_test = (d.data.numpy()[:, None] for d in (train, test))
+    y_train, y_test = (d.targets.numpy().astype(np.int64) for d in (train, test))
     return Split(x_train, y_train, x_test, y_test, scale=255.0, classes=DIGIT_CLASSES,
                  source=f"torchvision MNIST at {root} (60,000 train / 10,000 test)")

@@ -5,6 +5,7 @@ Loaded with `weights_only=True`: a checkpoint never runs code when it is read.
 
 from __future__ import annotations
 
+import io
 import pickle
 import warnings
 from pathlib import Path
@@ -26,14 +27,22 @@ def save_checkpoint(path: str | Path, learner: Learner, meta: dict[str, Any] | N
         torch.save(payload, f)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def checkpoint_bytes(path: str | Path) -> bytes:
+    """The raw file, for callers that also hash what they load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    return path.read_bytes()
+
+
+def read_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """The checkpoint's payload; `data`: the file's bytes, if the caller has read them."""
+    path = Path(path)
+    data = checkpoint_bytes(path) if data is None else data
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's own message is a page of advice to unpickle it
         raise ValueError(f"{path}: not an edgecl checkpoint (a weights-only load refuses what "
                          "it holds: Python objects, or no pickle at all)") from None
@@ -44,9 +53,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_learner(path: str | Path, device: str | None = None) -> Learner:
-    """Rebuild the learner saved at `path`; `device` overrides the saved device setting."""
-    payload = read_checkpoint(path)
+def load_learner(path: str | Path, device: str | None = None, data: bytes | None = None
+                 ) -> Learner:
+    """Rebuild the learner saved at `path` (`data`: its bytes, if already read); `device`
+    overrides the saved device setting."""
+    payload = read_checkpoint(path, data)
     try:
         spec_dict = payload["spec"]
         if device is not None:

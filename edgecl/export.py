@@ -13,6 +13,7 @@ which onnxruntime reads only from 1.18.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from torch import nn
 
 from edgecl import __version__
 from edgecl.bench import load_config_benchmark
-from edgecl.checkpoint import load_learner
+from edgecl.checkpoint import checkpoint_bytes, load_learner
 from edgecl.data import BenchmarkError, TaskData
 from edgecl.serve.repository import (
     Manifest,
@@ -116,10 +117,9 @@ class Exporter:
 
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = checkpoint.resolve()
-        self.learner = load_learner(checkpoint, device="cpu")
-        self.checkpoint_sha256 = sha256_of(self.checkpoint.read_bytes())
-        self._benchmark: dict[str, TaskData] | None = None
-        self._benchmark_note = ""
+        data = checkpoint_bytes(checkpoint)  # one read: what is loaded is what is hashed
+        self.learner = load_learner(checkpoint, device="cpu", data=data)
+        self.checkpoint_sha256 = sha256_of(data)
 
     @property
     def tasks(self) -> list[str]:
@@ -175,13 +175,14 @@ class Exporter:
 
     def real_inputs(self, task: str) -> RealInputs:
         """The task's test set from the checkpoint's benchmark config, when it can be rebuilt."""
-        if self._benchmark is None:
-            self._benchmark, self._benchmark_note = self._load_benchmark()
-        if task in self._benchmark or not self._benchmark:
-            return RealInputs(self._benchmark.get(task), self._benchmark_note)
+        tasks, note = self._benchmark
+        if task in tasks or not tasks:
+            return RealInputs(tasks.get(task), note)
         return RealInputs(None, f"random inputs only: task {task!r} is not in the benchmark")
 
-    def _load_benchmark(self) -> tuple[dict[str, TaskData], str]:
+    @functools.cached_property
+    def _benchmark(self) -> tuple[dict[str, TaskData], str]:
+        """The checkpoint's benchmark tasks by name and a note on them, built on first use."""
         spec = self.learner.spec
         try:
             bench = load_config_benchmark(spec.config)

@@ -67,7 +67,6 @@ def test_exported_model_reproduces_the_learner(tmp_path, method, head):
     np.testing.assert_allclose(onnx_logits(tmp_path / "repo" / "t1" / "1", x),
                                learner.predict(x, "t1").numpy(), atol=1e-5)
     assert (manifest.version, manifest.method, manifest.head) == (1, method, head)
-    assert manifest.verification.max_abs_diff <= 1e-4
 
 
 def test_graph_loads_in_old_onnxruntime_and_the_manifest_describes_it(tmp_path):

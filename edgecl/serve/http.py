@@ -43,6 +43,7 @@ JSON = "application/json"
 MODEL_URL = re.compile(r"/v2/models/(?P<task>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                        r"(?P<action>/infer|/ready)?")
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no token
+_BINARY_KEY = BINARY_HEADER.lower().encode()  # ASGI header names are lower-case bytes
 IDLE_TIMEOUT_S = 60  # an idle keep-alive connection is closed after this
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -81,7 +82,6 @@ class InferenceApp:
         method, path = scope["method"], scope["path"]
         headers = dict(scope["headers"])
         url = MODEL_URL.fullmatch(path)
-        task = url["task"] if url and self.models.get(url["task"]) else ""  # the metrics label
         try:
             if path not in OPEN_PATHS:
                 self._authorize(headers)
@@ -100,7 +100,8 @@ class InferenceApp:
             log.exception("%s %s failed", method, path)
             response = Response(500, _json({"error": "internal error; see the log"}))
         await _send(send, response)
-        if method == "POST":
+        if method == "POST":  # labelled by task only for tasks served, not any name asked for
+            task = url["task"] if url and self.models.get(url["task"]) else ""
             self.metrics.request(task, response.status, time.perf_counter() - t0)
 
     def _get(self, path: str, url: re.Match[str] | None) -> Response:
@@ -127,7 +128,7 @@ class InferenceApp:
             raise RequestError(404, f"no such endpoint: POST {path}", close=True)
         body = await self._read_body(headers, receive)
         model = self._model(url["task"], url["version"])
-        json_length = headers.get(BINARY_HEADER.lower().encode())
+        json_length = headers.get(_BINARY_KEY)
         request = parse_request(body, json_length and json_length.decode("latin-1"),
                                 model.manifest.input)
         t0 = time.perf_counter()
@@ -137,7 +138,7 @@ class InferenceApp:
         if json_part is None:
             return Response(200, payload)
         return Response(200, payload, "application/octet-stream",
-                        ((BINARY_HEADER.encode(), str(json_part).encode()),))
+                        ((_BINARY_KEY, str(json_part).encode()),))
 
     def _authorize(self, headers: dict[bytes, bytes]) -> None:
         if self.token is None:

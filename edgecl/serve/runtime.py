@@ -95,8 +95,9 @@ def load_model(version_dir: Path, providers: Sequence[str], threads: int = 1) ->
         data = (version_dir / MODEL_FILE).read_bytes()
     except OSError as e:
         raise ModelRefused("load", f"{version_dir / MODEL_FILE}: {e.strerror}") from None
-    if sha256_of(data) != manifest.sha256:
-        raise ModelRefused("sha256", f"{version_dir / MODEL_FILE}: sha256 {sha256_of(data)[:12]}… "
+    digest = sha256_of(data)
+    if digest != manifest.sha256:
+        raise ModelRefused("sha256", f"{version_dir / MODEL_FILE}: sha256 {digest[:12]}… "
                                      f"does not match the manifest's {manifest.sha256[:12]}…")
     try:
         session = ort.InferenceSession(data, session_options(threads), providers=list(providers))

@@ -47,11 +47,8 @@ def _configs_for(config: Path | None, overrides: dict[str, Any]) -> list[Config]
     method = overrides.get("method", {}).get("name")
     if method != "all":
         return [load_config(config, overrides)]
-    base = load_config(config, {k: v for k, v in overrides.items() if k != "method"})
-    # The preset's own method keeps its tuned parameters; the others run with their defaults.
-    return [base if name == base.method.name
-            else load_config(config, {**overrides, "method": {"name": name}})
-            for name in LEARNERS]
+    # load_config keeps a preset's tuned parameters for its own method; others get defaults
+    return [load_config(config, {**overrides, "method": {"name": name}}) for name in LEARNERS]
 
 
 def _summary_table(results: list[dict[str, Any]], title: str) -> Table:

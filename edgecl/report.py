@@ -19,17 +19,11 @@ def _pyplot():
     return plt
 
 
-def state_bytes(footprint: dict[str, Any]) -> int:
-    """What a method holds beyond the net and optimiser: memory, method state, masks, copies."""
-    return sum(footprint.get(key, 0) for key in
-               ("memory_bytes", "masks_bytes", "method_state_bytes", "working_bytes"))
-
-
 def summary_row(result: dict[str, Any]) -> tuple[str, ...]:
     fp = result["footprint"]
     return (result["method"], f"{result['acc']:.3f}", f"{result['bwt']:+.3f}",
             f"{result['fwt']:+.3f}", f"{result['wall_s']:.1f}", f"{result['samples_per_s']:,.0f}",
-            f"{state_bytes(fp):,}")
+            f"{fp['state_bytes']:,}")
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:

@@ -67,7 +67,6 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, mess
     assert r.exit_code == 2
     [line] = r.output.splitlines()  # one line, nothing else
     assert line.startswith("error: ") and message.format(tmp=tmp_path) in line
-    assert not (tmp_path / "out" / "result.json").exists()
 
 
 def test_method_all_compares_every_method(tmp_path):

@@ -67,11 +67,6 @@ def test_overrides_merge_and_a_new_method_drops_the_presets_method_params(tmp_pa
     assert same.method.params == {"warm_start": True}
 
 
-@pytest.mark.parametrize("preset", sorted(MODELS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_preset_validates(preset):
-    load_config(preset)
-
-
 def test_a_method_brings_its_tuned_optimizer_unless_the_config_states_one(tmp_path):
     assert load_config(overrides={"method": {"name": "wsn"}}).optimizer.name == "adam"
     assert load_config(overrides={"method": {"name": "finetune"}}).optimizer.lr == 0.03

@@ -44,7 +44,7 @@ def test_preset_smoke_runs(preset):
     assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
     metrics = summarize(R, np.asarray(result["b"]))
     assert (result["acc"], result["bwt"], result["fwt"]) == (metrics.acc, metrics.bwt, metrics.fwt)
-    assert result["acc"] == R[-1].mean()
     assert result["method"] == cfg.method.name
     assert learner.task_ids == result["tasks"]
-    assert result["footprint"]["total_bytes"] > 0
+    holds_state = cfg.method.name not in ("finetune", "independent")  # memory, masks, Fisher...
+    assert (result["footprint"]["state_bytes"] > 0) is holds_state

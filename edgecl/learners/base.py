@@ -73,12 +73,16 @@ class Footprint:
     details: dict[str, float] = field(default_factory=dict)
 
     @property
+    def state_bytes(self) -> int:
+        """What the method holds beyond the net and its optimiser."""
+        return self.memory_bytes + self.method_state_bytes + self.masks_bytes + self.working_bytes
+
+    @property
     def total_bytes(self) -> int:
-        return (self.params_bytes + self.buffers_bytes + self.optimizer_bytes + self.memory_bytes
-                + self.method_state_bytes + self.masks_bytes + self.working_bytes)
+        return self.params_bytes + self.buffers_bytes + self.optimizer_bytes + self.state_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {**asdict(self), "state_bytes": self.state_bytes, "total_bytes": self.total_bytes}
 
 
 def tensor_bytes(obj: Any) -> int:

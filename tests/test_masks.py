@@ -75,7 +75,6 @@ def test_footprint_raw_is_one_bit_and_correlated_masks_compress_well_below():
     fp = masks.footprint()
     assert fp["masks_raw_bytes"] == masks.raw_bytes == n_tasks * n_weights // 8
     assert fp["mask_bits_per_weight_per_task"] == 1.0
-    assert fp["masks_compressed_bytes"] == len(compress_masks(masks.stack()))
     assert fp["mask_compressed_bits_per_weight_per_task"] < 0.6
     assert TaskMasks(8).footprint()["masks_compressed_bytes"] == 0
 

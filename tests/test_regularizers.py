@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_learner, task_batches, train
+from torch.nn.utils import parameters_to_vector
 
 from edgecl.learners.lwf import distillation
-from edgecl.learners.penalty import QuadraticPenalty, flat, merge_importance
+from edgecl.learners.penalty import QuadraticPenalty, merge_importance
 
 
 def by_name(learner, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def test_penalty_gradient_matches_autograd_and_its_value():
     perturb(params)
     value = penalty.value()
     expected = torch.autograd.grad(value, params)
-    drift = flat(params).detach() - penalty.anchor
+    drift = parameters_to_vector(params).detach() - penalty.anchor
     assert value.item() == pytest.approx(1.5 * (penalty.importance * drift**2).sum().item())
     assert penalty.backward().item() == pytest.approx(value.item())
     for p, e in zip(params, expected, strict=True):
@@ -59,10 +60,10 @@ def test_penalty_gradient_matches_autograd_and_its_value():
 def test_a_penalty_step_pulls_every_weight_back_toward_the_anchor():
     penalty, params = anchored_penalty(strength=3.0)
     perturb(params)
-    before = (flat(params) - penalty.anchor).abs().detach()
+    before = (parameters_to_vector(params) - penalty.anchor).abs().detach()
     penalty.backward()
     torch.optim.SGD(params, lr=0.1).step()  # lr·λ·Ω < 2: stable
-    after = (flat(params) - penalty.anchor).abs().detach()
+    after = (parameters_to_vector(params) - penalty.anchor).abs().detach()
     assert bool((after < before).all())
 
 
@@ -114,7 +115,7 @@ def reference_importance(learner, objective, reduce, x, *targets) -> torch.Tenso
         learner.net.zero_grad()
         out = learner.net(x[n:n + 1], 0).squeeze(0)
         objective(out, *(t[n] for t in targets)).backward()
-        total = total + reduce(flat([p.grad for p in learner.net.parameters()]))
+        total = total + reduce(parameters_to_vector([p.grad for p in learner.net.parameters()]))
     return total / len(x)
 
 
@@ -194,7 +195,7 @@ def test_the_penalty_keeps_important_weights_near_the_anchor(method, head, stren
         learner = make_learner(method, head, params=dict(strength=s))
         learn_t0_then_t1_without_consolidating(learner)
         penalty = learner.penalty
-        drift = flat(penalty.params).detach() - penalty.anchor
+        drift = parameters_to_vector(penalty.params).detach() - penalty.anchor
         weighted_drift[s] = (penalty.importance * drift**2).sum().item()
     assert weighted_drift[strength] < 0.5 * weighted_drift[0.0]
 

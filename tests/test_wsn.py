@@ -158,9 +158,7 @@ def test_footprint_reports_packed_and_compressed_masks():
     n = learner.net.n_weights  # 16*16 + 16*16 = 512: a multiple of 8, so exactly 1 bit raw
     assert fp.masks_bytes == fp.details["masks_raw_bytes"] == 3 * n // 8
     assert fp.details["mask_bits_per_weight_per_task"] == 1.0
-    assert fp.details["masks_compressed_bytes"] > 0
-    assert fp.details["mask_compressed_bits_per_weight_per_task"] == pytest.approx(
-        8 * fp.details["masks_compressed_bytes"] / (3 * n))
+    assert fp.details["masks_compressed_bytes"] > 0  # lzma's header outweighs 3 tiny masks
 
 
 def test_checkpoint_holds_only_packed_masks_and_restores_the_union(tmp_path):

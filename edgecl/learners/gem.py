@@ -211,7 +211,8 @@ def solve_gem_dual(GGt: torch.Tensor, Gg: torch.Tensor, margin: float, eps: floa
 
 
 def project_onto_halfspace(g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """A-GEM: the vector closest to `g` whose dot product with `ref` is not negative."""
+    """A-GEM: the vector closest to `g` whose dot product with `ref` is not negative (`g`
+    itself, the same object, when it already is)."""
     dot = g @ ref
     if dot >= 0:
         return g
@@ -245,7 +246,8 @@ class EpisodicProjection(Learner):
         loss.backward()
         projected = self.project(self.flat_grad(), past)
         if projected is not None:
-            self.set_flat_grad(projected, {*past.heads.tolist(), self.net.head_index(slot)})
+            heads = {self.net.head_index(s) for s in (*past.slots, slot)}  # no device read
+            self.set_flat_grad(projected, heads)
         self.optimizer.step()
         return StepStats(loss.detach())
 
@@ -358,11 +360,11 @@ class AGEM(EpisodicProjection):
     optimizer_defaults: ClassVar[dict[str, Any]] = {"lr": 0.1}
 
     def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
-        ref = self.reference_gradient(past)
-        if g @ ref >= 0:
+        projected = project_onto_halfspace(g, self.reference_gradient(past))
+        if projected is g:
             return None
         self.count("agem_projections")
-        return project_onto_halfspace(g, ref)
+        return projected
 
     def reference_gradient(self, past: PastMemory) -> torch.Tensor:
         """Gradient of the mean loss on `ref_batch` filled memory rows drawn without replacement

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parameters_to_vector
 
 from edgecl.learners.base import Learner, LearnerSpec, StepStats
 
@@ -66,11 +67,6 @@ def merge_importance(old: torch.Tensor | None, new: torch.Tensor, n_old: int, me
     return old * gamma + new
 
 
-def flat(params: list[torch.Tensor]) -> torch.Tensor:
-    """One vector of all `params` (a copy), in order."""
-    return torch.cat([p.reshape(-1) for p in params])
-
-
 class QuadraticPenalty:
     """λ/2 Σ Ω (θ - θ*)² over `params`, with Ω and θ* set by `consolidate`; λΩ is capped at
     `max_stiffness`."""
@@ -90,7 +86,7 @@ class QuadraticPenalty:
         """Merge one task's importance and anchor the weights where they are now."""
         self.importance = merge_importance(self.importance, importance.detach(), self.n_tasks,
                                            self.merge, self.gamma)
-        self.anchor = flat(self.params).detach()
+        self.anchor = parameters_to_vector(self.params).detach()
         self.n_tasks += 1
 
     def stiffness(self) -> torch.Tensor:
@@ -102,7 +98,7 @@ class QuadraticPenalty:
         """The penalty, differentiable in the parameters (0 before any task is consolidated)."""
         if self.importance is None:
             return self.params[0].new_zeros(())
-        drift = flat(self.params) - self.anchor
+        drift = parameters_to_vector(self.params) - self.anchor
         return 0.5 * (self.stiffness() * drift.square()).sum()
 
     @torch.no_grad()
@@ -111,7 +107,7 @@ class QuadraticPenalty:
         would, without building a graph; returns the penalty's value."""
         if self.importance is None:
             return self.params[0].new_zeros(())
-        drift = flat(self.params) - self.anchor
+        drift = parameters_to_vector(self.params) - self.anchor
         gradient = self.stiffness() * drift
         for p, g in zip(self.params, gradient.split([p.numel() for p in self.params]),
                         strict=True):

@@ -66,6 +66,7 @@ class WSN(Learner):
         self.used = torch.zeros(self.net.n_weights, dtype=torch.bool, device=self.device)
         self.finished: list[int] = []  # slots, in the order their masks were fixed
         self.capacity_used: list[float] = []  # CAP = |M_t| / N after each of them
+        self.frozen = self.frozen_entries()  # changes only when a mask is fixed or loaded
 
     def build_net(self) -> nn.Module:
         s = self.spec
@@ -122,6 +123,7 @@ class WSN(Learner):
         self.used |= mask
         self.finished.append(slot)
         self.capacity_used.append(self.used.float().mean().item())
+        self.frozen = self.frozen_entries()
         log.info("WSN: task slot %d fixed; %.1f%% of maskable weights used", slot,
                  100 * self.capacity_used[-1])
 
@@ -141,7 +143,7 @@ class WSN(Learner):
     def frozen_weights_kept(self) -> Iterator[None]:
         """Around an optimiser step: zero the frozen entries' gradient, then restore their values
         (momentum or weight decay would otherwise still move them)."""
-        frozen = self.frozen_entries()
+        frozen = self.frozen
         for p, where in frozen:
             if p.grad is not None:
                 p.grad.masked_fill_(where, 0.0)
@@ -173,4 +175,5 @@ class WSN(Learner):
         self.used = self.masks.union().to(self.device)
         self.finished = list(state["finished"])
         self.capacity_used = list(state["capacity_used"])
+        self.frozen = self.frozen_entries()
 

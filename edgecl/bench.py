@@ -59,7 +59,7 @@ class Evaluator:
         return np.asarray(accs)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -90,7 +90,7 @@ def run_protocol(cfg: Config, bench: Benchmark, progress: Progress | None = None
                 progress(len(batch.y), batch.task)
         t0 = time.perf_counter()
         learner.end_task(task.name)
-        _sync(learner.device)
+        sync_device(learner.device)
         train_s += time.perf_counter() - t0
         R[i] = evaluate(learner)
     wall_s = time.perf_counter() - t_start

@@ -8,7 +8,7 @@ Method hyper-parameters are validated by the method's own `Params` model (see `e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -47,6 +47,9 @@ class Conv1dConfig(_Strict):
 
 
 NetConfig = Annotated[MLPConfig | ResNetConfig | Conv1dConfig, Field(discriminator="name")]
+# the union's tags ("mlp", ...): pydantic puts them in error paths
+NET_TAGS = frozenset(get_args(net.model_fields["name"].annotation)[0]
+                     for net in get_args(get_args(NetConfig)[0]))
 
 
 class OptimizerConfig(_Strict):
@@ -98,7 +101,7 @@ class Config(_Strict):
 def _first_error(err: ValidationError, prefix: str = "") -> str:
     e = err.errors()[0]
     # Discriminated unions put the tag ("mlp") in the path; it is noise to a reader.
-    loc = [str(p) for p in e["loc"] if p not in {"mlp", "resnet18", "conv1d"}]
+    loc = [str(p) for p in e["loc"] if p not in NET_TAGS]
     msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
     if e["type"] == "union_tag_invalid":
         loc.append("name")
@@ -138,7 +141,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def _method_name(data: dict[str, Any]) -> Any:
     method = data.get("method")
-    return method.get("name", "finetune") if isinstance(method, dict) else "finetune"
+    default = MethodConfig.model_fields["name"].default
+    return method.get("name", default) if isinstance(method, dict) else default
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> Config:

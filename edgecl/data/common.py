@@ -73,14 +73,18 @@ def data_root(data_dir: str | Path, what: str) -> Path:
     return root
 
 
+def one_line(err: BaseException) -> str:
+    """``Type: message`` with all whitespace runs folded to single spaces."""
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def import_vision_datasets(what: str) -> ModuleType:
     """``torchvision.datasets``, imported lazily; any import failure becomes a BenchmarkError."""
     try:
         from torchvision import datasets
     except Exception as err:  # ImportError, or a broken install failing on its C ops
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise BenchmarkError(f"{what} needs torchvision, which failed to import ({reason}); "
-                             f"{VISION_HINT}") from err
+        raise BenchmarkError(f"{what} needs torchvision, which failed to import "
+                             f"({one_line(err)}); {VISION_HINT}") from err
     return datasets
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edgecl.data.common import check_count, task_name
+from edgecl.data.common import check_count, one_line, task_name
 from edgecl.data.core import Benchmark, BenchmarkError, TaskData
 
 _TASK_KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name)")
@@ -102,17 +102,13 @@ def _error(path: Path, key: str | None, problem: str) -> BenchmarkError:
     return BenchmarkError(f"{path}: {problem}" if key is None else f"{path}: key '{key}' {problem}")
 
 
-def _reason(err: BaseException) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())
-
-
 def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise _error(path, None, "is not a file" if path.exists() else "file not found")
     try:
         archive = np.load(path, allow_pickle=False)
     except OSError as err:
-        raise _error(path, None, f"cannot be read ({_reason(err)})") from err
+        raise _error(path, None, f"cannot be read ({one_line(err)})") from err
     except (ValueError, EOFError, zipfile.BadZipFile) as err:
         raise _error(path, None, "is not an .npz archive (write it with np.savez)") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -124,7 +120,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             try:
                 arrays[key] = archive[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-                problem = (f"cannot be read ({_reason(err)}); store plain numeric or string "
+                problem = (f"cannot be read ({one_line(err)}); store plain numeric or string "
                            "arrays, not pickled Python objects")
                 raise _error(path, key, problem) from err
     return arrays

@@ -53,7 +53,7 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     """Sequential graph, `threads` intra-op threads, no spin-waiting.
 
     One thread is the default: at batch 1 a thread pool only adds hand-over cost (for the MLP
-    benchmarks/onnx_vs_torch.py measures 8.3-8.7 us on 1 thread, 10.2-12.7 us on 2), and
+    benchmarks/onnx_vs_torch.py measures 8.0-8.3 us on 1 thread, 9.8-11.9 us on 2), and
     spinning workers would steal the cores the server's event loop and the learner need on a
     2-core device.
     """

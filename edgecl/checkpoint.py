@@ -19,12 +19,20 @@ from edgecl.learners import Learner, LearnerSpec, build_learner
 FORMAT = "edgecl-checkpoint/1"
 
 
-def save_checkpoint(path: str | Path, learner: Learner, meta: dict[str, Any] | None = None) -> None:
-    """Atomically write `learner` (spec + state) and any JSON-like `meta` to `path`."""
+def encode_checkpoint(learner: Learner, meta: dict[str, Any] | None = None) -> bytes:
+    """`learner` (spec + state) and `meta` (plain data and tensors) as a checkpoint's bytes."""
     payload = {"format": FORMAT, "spec": learner.spec.to_dict(), "state": learner.state_dict(),
                "meta": meta or {}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: str | Path, learner: Learner, meta: dict[str, Any] | None = None) -> None:
+    """Atomically write `learner` (spec + state) and any JSON-like `meta` to `path`."""
+    data = encode_checkpoint(learner, meta)
     with atomic_open(path) as f:
-        torch.save(payload, f)
+        f.write(data)
 
 
 def checkpoint_bytes(path: str | Path) -> bytes:
@@ -57,7 +65,12 @@ def load_learner(path: str | Path, device: str | None = None, data: bytes | None
                  ) -> Learner:
     """Rebuild the learner saved at `path` (`data`: its bytes, if already read); `device`
     overrides the saved device setting."""
-    payload = read_checkpoint(path, data)
+    return learner_from_payload(path, read_checkpoint(path, data), device)
+
+
+def learner_from_payload(path: str | Path, payload: dict[str, Any], device: str | None = None
+                         ) -> Learner:
+    """The learner of a payload `read_checkpoint` returned (`path` names it in errors)."""
     try:
         spec_dict = payload["spec"]
         if device is not None:

@@ -75,6 +75,30 @@ class BenchmarkConfig(_Strict):
     data_dir: str | None = None
 
 
+class StreamConfig(_Strict):
+    """What `edgecl learn` accepts: the sample schema. Keys left out come from the benchmark."""
+
+    input_shape: list[PositiveInt] | None = Field(default=None, min_length=1)
+    classes: list[str] | None = Field(default=None, min_length=2)  # label names, in index order
+    head: Literal["shared", "per_task"] | None = None
+    max_tasks: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+
+
+class LearnConfig(_Strict):
+    """The `edgecl learn` daemon: held-out share, checkpoints, backpressure, request limits."""
+
+    holdout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    eval_per_task: PositiveInt = 500  # held-out samples kept per task (the newest)
+    checkpoint_every: PositiveInt = 20_000  # samples learned between checkpoints
+    checkpoint_seconds: PositiveFloat = 60.0
+    keep_checkpoints: PositiveInt = 3
+    max_lag: PositiveInt = 50_000  # journaled but not yet learned; beyond it ingest says 429
+    max_request_samples: PositiveInt = 10_000
+    max_body_mb: PositiveFloat = 32.0
+    flush_idle_s: PositiveFloat = 5.0  # a partial batch waiting this long is closed (journaled)
+
+
 class MethodConfig(BaseModel):
     """`name` plus the method's own hyper-parameters (validated against its `Params`)."""
 
@@ -96,6 +120,8 @@ class Config(_Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     memory: MemoryConfig = MemoryConfig()
     method: MethodConfig = MethodConfig()
+    stream: StreamConfig = StreamConfig()
+    learn: LearnConfig = LearnConfig()
 
 
 def _first_error(err: ValidationError, prefix: str = "") -> str:

@@ -31,6 +31,7 @@ from edgecl import __version__
 from edgecl.bench import load_config_benchmark
 from edgecl.checkpoint import checkpoint_bytes, load_learner
 from edgecl.data import BenchmarkError, TaskData
+from edgecl.learners import LearnerSpec
 from edgecl.serve.repository import (
     Manifest,
     Probe,
@@ -104,6 +105,52 @@ def compare(session: ort.InferenceSession, module: nn.Module, batches: list[torc
     return diff, mismatches
 
 
+def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
+                  classes: list[str], real: torch.Tensor | None, real_note: str,
+                  source: str, source_sha256: str) -> Manifest:
+    """Export `module` (task `task` of a learner with `spec`) to ONNX, verify it against torch
+    on random inputs and on `real` ones (`real_note` says where they come from, or why there
+    are none), and publish it as the task's next version in `repo`."""
+    check_task_id(task)
+    model = to_onnx(module, spec.input_shape).SerializeToString()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    verification = _verify(task, session, module, spec.input_shape, real, real_note)
+    probe = session.run([OUTPUT_NAME], {INPUT_NAME: probe_input(spec.input_shape)})[0]
+    return publish(repo, model, {
+        "task": task, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sha256": sha256_of(model), "opset": OPSET, "ir_version": IR_VERSION,
+        "input": TensorSpec(name=INPUT_NAME, shape=[-1, *spec.input_shape]),
+        "output": TensorSpec(name=OUTPUT_NAME, shape=[-1, spec.n_classes]),
+        "classes": classes,
+        "normalisation": NORMALISATION,
+        "input_range": None if real is None else [float(real.min()), float(real.max())],
+        "method": spec.config.method.name, "head": spec.head,
+        "source_checkpoint": source, "source_sha256": source_sha256,
+        "verification": verification, "probe": Probe(logits=probe.tolist()),
+        "exporter": {"edgecl": __version__, "torch": torch.__version__,
+                     "onnx": onnx.__version__, "onnxruntime": ort.__version__},
+    })
+
+
+def _verify(task: str, session: ort.InferenceSession, module: nn.Module,
+            input_shape: tuple[int, ...], real: torch.Tensor | None,
+            real_note: str) -> Verification:
+    g = torch.Generator().manual_seed(0)
+    random = torch.rand(RANDOM_INPUTS, *input_shape, generator=g)
+    batches = [random, random[:1]]  # two batch sizes: the batch axis really is dynamic
+    if real is not None and len(real):
+        batches.append(real)
+    diff, mismatches = compare(session, module, batches)
+    n_real = 0 if real is None else len(real)
+    if not (diff <= TOLERANCE and mismatches == 0):
+        raise VerificationError(
+            f"task {task}: onnxruntime differs from torch by {diff:.3g} (max abs logit "
+            f"difference, tolerance {TOLERANCE:g}) with {mismatches} of "
+            f"{RANDOM_INPUTS + 1 + n_real} argmax differing; not published")
+    return Verification(tolerance=TOLERANCE, max_abs_diff=diff, argmax_mismatches=0,
+                        random_inputs=RANDOM_INPUTS + 1, real_inputs=n_real, real_data=real_note)
+
+
 @dataclass(frozen=True)
 class RealInputs:
     """Real inputs of a task for verification, or why there are none."""
@@ -131,47 +178,11 @@ class Exporter:
         if task not in self.learner.task_ids:
             raise ExportError(f"unknown task {task!r}; the checkpoint has: "
                               f"{', '.join(self.learner.task_ids) or 'none'}")
-        spec = self.learner.spec
-        module = self.learner.task_module(task)
-        model = to_onnx(module, spec.input_shape).SerializeToString()
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         inputs = self.real_inputs(task)
-        verification = self._verify(task, session, module, inputs)
-        probe = session.run([OUTPUT_NAME], {INPUT_NAME: probe_input(spec.input_shape)})[0]
-        x_test = inputs.task.x_test if inputs.task else None
-        return publish(repo, model, {
-            "task": task, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "sha256": sha256_of(model), "opset": OPSET, "ir_version": IR_VERSION,
-            "input": TensorSpec(name=INPUT_NAME, shape=[-1, *spec.input_shape]),
-            "output": TensorSpec(name=OUTPUT_NAME, shape=[-1, spec.n_classes]),
-            "classes": self._classes(inputs),
-            "normalisation": NORMALISATION,
-            "input_range": None if x_test is None else [float(x_test.min()), float(x_test.max())],
-            "method": spec.config.method.name, "head": spec.head,
-            "source_checkpoint": str(self.checkpoint), "source_sha256": self.checkpoint_sha256,
-            "verification": verification, "probe": Probe(logits=probe.tolist()),
-            "exporter": {"edgecl": __version__, "torch": torch.__version__,
-                         "onnx": onnx.__version__, "onnxruntime": ort.__version__},
-        })
-
-    def _verify(self, task: str, session: ort.InferenceSession, module: nn.Module,
-                inputs: RealInputs) -> Verification:
-        g = torch.Generator().manual_seed(0)
-        random = torch.rand(RANDOM_INPUTS, *self.learner.spec.input_shape, generator=g)
-        batches = [random, random[:1]]  # two batch sizes: the batch axis really is dynamic
         real = inputs.task.x_test[:REAL_INPUTS] if inputs.task else None
-        if real is not None:
-            batches.append(real)
-        diff, mismatches = compare(session, module, batches)
-        n_real = 0 if real is None else len(real)
-        if not (diff <= TOLERANCE and mismatches == 0):
-            raise VerificationError(
-                f"task {task}: onnxruntime differs from torch by {diff:.3g} (max abs logit "
-                f"difference, tolerance {TOLERANCE:g}) with {mismatches} of "
-                f"{RANDOM_INPUTS + 1 + n_real} argmax differing; not published")
-        return Verification(tolerance=TOLERANCE, max_abs_diff=diff, argmax_mismatches=0,
-                            random_inputs=RANDOM_INPUTS + 1, real_inputs=n_real,
-                            real_data=inputs.note)
+        return export_module(
+            self.learner.task_module(task), repo, task, self.learner.spec, self._classes(inputs),
+            real, inputs.note, str(self.checkpoint), self.checkpoint_sha256)
 
     def real_inputs(self, task: str) -> RealInputs:
         """The task's test set from the checkpoint's benchmark config, when it can be rebuilt."""

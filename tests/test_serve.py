@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 from test_export import CLASSES, trained_checkpoint
 from typer.testing import CliRunner
 
@@ -28,7 +30,7 @@ from edgecl.cli import app
 from edgecl.export import Exporter
 from edgecl.serve import ListenError, create_server, repository
 from edgecl.serve.client import Client, ServeError
-from edgecl.serve.metrics import Histogram
+from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.protocol import BINARY_HEADER
 from edgecl.serve.runtime import choose_providers
 
@@ -99,11 +101,17 @@ def infer_body(x, name="input", datatype="FP32", shape=None):
                         "datatype": datatype, "data": x.ravel().tolist()}]}
 
 
+def samples(text):
+    """{(name, labels): value} of every sample in a Prometheus text exposition."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def metric(server, sample):
-    """The value of one Prometheus sample line of /metrics, 0 if absent."""
-    text = server.metrics.render()
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
-    return float(match[1]) if match else 0.0
+    """The value of one sample of /metrics, given as `name{label="value",...}` with the labels in
+    any order; 0 if absent."""
+    (key,) = samples(f"{sample} 0\n")
+    return samples(server.metrics.render().decode()).get(key, 0.0)
 
 
 def republish(repo, source, task, model=None, **changes):
@@ -439,24 +447,40 @@ def test_metrics_count_requests_and_latencies(repo):
         for _ in range(3):
             request(conn, "POST", "/v2/models/t1/infer", infer_body(GOOD))
         status, text, response = request(conn, "GET", "/metrics")
-        assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
-        assert 'edgecl_requests_total{task="t1",code="200"} 3' in text
-        assert 'edgecl_inference_seconds_count{task="t1"} 3' in text
-        assert 'edgecl_request_seconds_bucket{task="t1",le="+Inf"} 3' in text
-        assert 'edgecl_model_version{task="t0"} 1' in text
+        assert status == 200 and response.getheader("Content-Type") == CONTENT_TYPE_LATEST
+        got = samples(text)
+        assert got["edgecl_requests_total", frozenset({("task", "t1"), ("code", "200")})] == 3
+        assert got["edgecl_inference_seconds_count", frozenset({("task", "t1")})] == 3
+        assert got["edgecl_request_seconds_bucket",
+                   frozenset({("task", "t1"), ("le", "+Inf")})] == 3
+        assert got["edgecl_model_version", frozenset({("task", "t0")})] == 1
+        assert got["edgecl_up_seconds", frozenset()] > 0
+        assert not [name for name, _ in got if name.endswith("_created")]
         assert "(request received, before its body is read, to response sent)" in text
 
 
+def test_metrics_up_seconds_is_computed_at_scrape_time():
+    metrics = ServerMetrics()
+    first = samples(metrics.render().decode())["edgecl_up_seconds", frozenset()]
+    time.sleep(0.01)
+    assert samples(metrics.render().decode())["edgecl_up_seconds", frozenset()] > first
+
+
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive():
-    h = Histogram()
+    metrics = ServerMetrics()
     for seconds in (0.0001, 0.0003, 7.0):
-        h.observe("t", seconds)
-    lines = dict(line.rsplit(" ", 1) for line in h.render("x", "task"))
-    assert lines['x_bucket{task="t",le="0.0001"}'] == "1"
-    assert lines['x_bucket{task="t",le="0.0005"}'] == "2"
-    assert lines['x_bucket{task="t",le="1.0"}'] == "2"
-    assert lines['x_bucket{task="t",le="+Inf"}'] == "3" == lines['x_count{task="t"}']
-    assert math.isclose(float(lines['x_sum{task="t"}']), 7.0004)
+        metrics.inference("t", seconds)
+    (family,) = [f for f in text_string_to_metric_families(metrics.render().decode())
+                 if f.name == "edgecl_inference_seconds"]
+    assert family.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets["0.0001"] == 1  # the bound is inclusive
+    assert buckets["0.00025"] == 1
+    assert buckets["0.0005"] == 2  # and counts are cumulative
+    assert buckets["1.0"] == 2
+    other = {s.name: s.value for s in family.samples if not s.name.endswith("_bucket")}
+    assert buckets["+Inf"] == 3 == other["edgecl_inference_seconds_count"]
+    assert math.isclose(other["edgecl_inference_seconds_sum"], 7.0004)
 
 
 def test_providers_are_chosen_by_availability_or_as_asked():

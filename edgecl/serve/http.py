@@ -114,7 +114,7 @@ class InferenceApp:
             return Response(200, _json({"name": "edgecl", "version": __version__,
                                         "extensions": ["binary_tensor_data"]}))
         if path == "/metrics":
-            return Response(200, self.metrics.render().encode(), "text/plain; version=0.0.4")
+            return Response(200, self.metrics.render(), self.metrics.content_type)
         if url is None or url["action"] == "/infer":
             raise RequestError(404, f"no such endpoint: GET {path}")
         model = self._model(url["task"], url["version"])

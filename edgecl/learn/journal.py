@@ -1,0 +1,201 @@
+"""The journal: accepted samples and markers, durable and ordered, in SQLite (WAL mode).
+
+Every record gets a sequence number that only increases (also across truncation). One writer
+thread commits whatever appends are waiting as one transaction with `synchronous=FULL` (group
+commit: many requests per fsync under load) and only then resolves their futures, so a caller
+acknowledges a sample only once it is on disk. A torn write at a power cut is SQLite's to
+recover: a WAL commit that did not complete is discarded whole when the database is opened.
+
+Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecl.learn.schema import SampleError, Samples
+
+log = logging.getLogger("edgecl.learn")
+SAMPLE, END, FLUSH = 0, 1, 2
+GROUP_MAX = 256  # appends committed together at most
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER NOT NULL, task TEXT NOT NULL,
+    y INTEGER, x BLOB);
+CREATE TABLE IF NOT EXISTS tasks (
+    name TEXT PRIMARY KEY, accepted INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    kind: int
+    task: str
+    y: int
+    x: bytes | None
+
+
+@dataclass(frozen=True)
+class Appended:
+    first_seq: int
+    count: int
+
+
+class _Append:
+    def __init__(self, kind: int, samples: Samples | None, task: str | None) -> None:
+        self.kind, self.samples, self.task = kind, samples, task
+        self.future: Future[Appended] = Future()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")  # the reader's truncation waits for the writer
+    return conn
+
+
+class Journal:
+    """Append (any thread) and read (one reader thread) the records of `path`."""
+
+    def __init__(self, path: Path, max_tasks: int) -> None:
+        self.path = path
+        self.max_tasks = max_tasks
+        self._writer_db = connect(path)
+        self._writer_db.executescript(SCHEMA)
+        self._reader_db = connect(path)
+        self._lock = threading.Condition()
+        row = self._writer_db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        self._last_seq = row[0] if row else 0
+        self.accepted = dict(self._writer_db.execute("SELECT name, accepted FROM tasks"))
+        self._queue: queue.Queue[_Append | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._write_loop, name="edgecl-journal",
+                                        daemon=True)
+        self._thread.start()
+
+    # --- writing ---------------------------------------------------------------------------
+    def append(self, samples: Samples) -> Future[Appended]:
+        """Journal `samples`; the future resolves once they are durable. A request naming a
+        task beyond `max_tasks` fails (SampleError 409) and journals nothing."""
+        return self._submit(_Append(SAMPLE, samples, None))
+
+    def append_marker(self, kind: int, task: str) -> Future[Appended]:
+        return self._submit(_Append(kind, None, task))
+
+    def _submit(self, item: _Append) -> Future[Appended]:
+        self._queue.put(item)
+        return item.future
+
+    def _write_loop(self) -> None:
+        while (first := self._queue.get()) is not None:
+            group = [first]
+            while len(group) < GROUP_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this group
+                    break
+                group.append(item)
+            self._commit(group)
+        self._writer_db.close()
+
+    def _commit(self, group: list[_Append]) -> None:
+        seq, accepted = self._last_seq, dict(self.accepted)
+        rows, results = [], []
+        for item in group:
+            try:
+                new_rows, counts = self._rows(item, seq, accepted)
+            except SampleError as e:
+                results.append(e)
+                continue
+            for task, n in counts.items():
+                accepted[task] = accepted.get(task, 0) + n
+            results.append(Appended(seq + 1, len(new_rows)))
+            rows.extend(new_rows)
+            seq += len(new_rows)
+        try:
+            db = self._writer_db
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO records (seq, kind, task, y, x) VALUES (?, ?, ?, ?, ?)",
+                           rows)
+            db.executemany("INSERT INTO tasks (name, accepted) VALUES (?, ?) ON CONFLICT(name) "
+                           "DO UPDATE SET accepted = excluded.accepted", accepted.items())
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            log.error("journal write failed: %s", e)
+            if self._writer_db.in_transaction:
+                self._writer_db.execute("ROLLBACK")
+            results = [JournalError(str(e)) if isinstance(r, Appended) else r for r in results]
+        else:
+            with self._lock:
+                self._last_seq, self.accepted = seq, accepted
+                self._lock.notify_all()
+        for item, result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _rows(self, item: _Append, seq: int, accepted: dict[str, int]
+              ) -> tuple[list[tuple], dict[str, int]]:
+        if item.samples is None:
+            return [(seq + 1, item.kind, item.task, None, None)], {}
+        s = item.samples
+        counts: dict[str, int] = {}
+        for task in s.tasks:
+            counts[task] = counts.get(task, 0) + 1
+        new = [t for t in counts if t not in accepted]
+        if len(accepted) + len(new) > self.max_tasks:
+            raise SampleError(f"task {new[0]!r} would be task number {len(accepted) + 1}, beyond "
+                              f"max_tasks={self.max_tasks}", 409)
+        x = np.ascontiguousarray(s.x, dtype="<f4").reshape(len(s), -1)
+        rows = [(seq + 1 + i, SAMPLE, task, int(y), x[i].tobytes())
+                for i, (task, y) in enumerate(zip(s.tasks, s.y.tolist(), strict=True))]
+        return rows, counts
+
+    # --- reading ---------------------------------------------------------------------------
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    def wait(self, after_seq: int, timeout: float) -> bool:
+        """Block until a record beyond `after_seq` is durable, or `timeout` passes."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._last_seq > after_seq, timeout)
+
+    def read(self, after_seq: int, limit: int) -> list[Record]:
+        """Up to `limit` records after `after_seq`, in order (the reader thread only)."""
+        rows = self._reader_db.execute(
+            "SELECT seq, kind, task, y, x FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit)).fetchall()
+        return [Record(*row) for row in rows]
+
+    def first_seq(self) -> int:
+        """The oldest record kept (last_seq + 1 when none is)."""
+        row = self._reader_db.execute("SELECT min(seq) FROM records").fetchone()
+        return row[0] if row[0] is not None else self._last_seq + 1
+
+    def truncate(self, through_seq: int) -> None:
+        """Drop the records up to `through_seq` (a checkpoint holds their effect)."""
+        self._reader_db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._reader_db.close()
+
+
+class JournalError(OSError):
+    """The journal could not be written (disk full, I/O error): nothing was accepted."""

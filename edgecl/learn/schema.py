@@ -1,0 +1,240 @@
+"""The sample schema `edgecl learn` accepts, and the validation every ingest source shares.
+
+A sample is `{"task": "site-a", "x": [...], "y": 3}`: `x` holds the input's values, flat
+(row-major) or nested to the input shape; `y` is a label index or a class name. Requests carry
+one sample, `{"samples": [...]}`, NDJSON (one sample per line), or the binary form:
+
+    {"task": "site-a", "y": [3, 1, ...], "dtype": "float32"}\\n<raw little-endian rows>
+
+one JSON header line, then `len(y)` rows of the input's values as `float32`, or as `uint8`
+multiplied by the header's `"scale"` (e.g. 1/255 for pixels sent as bytes).
+A bad request raises `SampleError` naming the field and the problem; nothing of it is accepted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgecl.config import Config, ConfigError
+from edgecl.serve.repository import TASK_ID, TASK_ID_RULE
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+JSON_TYPES = ("application/json", "application/x-ndjson", "application/jsonl")
+BINARY_TYPE = "application/vnd.edgecl.samples"
+BINARY_DTYPES = {"float32": "<f4", "uint8": "u1"}
+
+
+class SampleError(ValueError):
+    """A request the schema refuses; `status` is the HTTP status that says so."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class SampleSchema:
+    """What one sample looks like, and the learner's limits on tasks and batches."""
+
+    input_shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    head: str
+    max_tasks: int
+    batch_size: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """Validated samples in request order: `x` float32 [n, *input_shape], `y` int64 [n]."""
+
+    tasks: list[str]
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def schema_for(cfg: Config) -> SampleSchema:
+    """The config's `stream:` section, completed from its benchmark where it leaves keys out."""
+    s = cfg.stream
+    input_shape, classes, head, max_tasks = s.input_shape, s.classes, s.head, s.max_tasks
+    if input_shape is None or classes is None or head is None or max_tasks is None:
+        from edgecl.bench import load_config_benchmark
+        from edgecl.data import BenchmarkError
+
+        try:
+            bench = load_config_benchmark(cfg)
+        except BenchmarkError as e:
+            raise ConfigError(f"stream: keys left out come from the benchmark, which cannot be "
+                              f"loaded: {e}") from None
+        shared = {t.classes for t in bench.tasks}
+        bench_classes = (next(iter(shared)) if len(shared) == 1
+                         else tuple(str(k) for k in range(bench.n_classes)))
+        input_shape = input_shape or list(bench.input_shape)
+        classes = classes or list(bench_classes)
+        head = head or bench.head
+        max_tasks = max_tasks or cfg.max_tasks or len(bench.tasks)
+    if len(set(classes)) != len(classes):
+        raise ConfigError("stream.classes: class names must be distinct")
+    return SampleSchema(tuple(input_shape), tuple(classes), head, max_tasks,
+                        s.batch_size or cfg.benchmark.batch_size)
+
+
+def check_task(task: Any, where: str = "task") -> str:
+    if not isinstance(task, str) or not TASK_ID.fullmatch(task):
+        raise SampleError(f"{where}: {task!r} is not a task id ({TASK_ID_RULE})")
+    return task
+
+
+def parse_body(schema: SampleSchema, body: bytes, content_type: str,
+               max_samples: int) -> Samples:
+    """Decode and validate a request body of any supported content type."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == BINARY_TYPE:
+        return parse_binary(schema, body, max_samples)
+    if kind and kind not in JSON_TYPES:
+        raise SampleError(f"Content-Type {kind!r} not supported; use one of "
+                          f"{', '.join((*JSON_TYPES, BINARY_TYPE))}", 415)
+    return parse_records(schema, json_records(body), max_samples)
+
+
+def json_records(body: bytes) -> list[Any]:
+    """One sample, `{"samples": [...]}`, or NDJSON lines: the records, not yet validated."""
+    lines = [line for line in body.split(b"\n") if line.strip()]
+    if not lines:
+        raise SampleError("empty body: send a sample, {\"samples\": [...]} or NDJSON lines")
+    docs = [_json(line, f"line {i + 1}" if len(lines) > 1 else "body")
+            for i, line in enumerate(lines)]
+    if len(docs) == 1 and isinstance(docs[0], dict) and "samples" in docs[0]:
+        if set(docs[0]) != {"samples"} or not isinstance(docs[0]["samples"], list):
+            raise SampleError('a batch is {"samples": [sample, ...]} and nothing else')
+        return docs[0]["samples"]
+    return docs
+
+
+def _json(data: bytes, where: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise SampleError(f"{where}: malformed JSON: {e}") from None
+
+
+def parse_records(schema: SampleSchema, records: list[Any], max_samples: int) -> Samples:
+    """Validate decoded JSON records against `schema`."""
+    _check_count(len(records), max_samples)
+    tasks, labels, values = [], [], []
+    for i, record in enumerate(records):
+        where = f"samples[{i}]" if len(records) > 1 else "sample"
+        if not isinstance(record, dict) or set(record) != {"task", "x", "y"}:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise SampleError(f'{where}: must be {{"task", "x", "y"}} and nothing else, '
+                              f"got {keys}")
+        tasks.append(check_task(record["task"], f"{where}.task"))
+        labels.append(label_index(schema, record["y"], f"{where}.y"))
+        values.extend(_numbers(schema, record["x"], f"{where}.x"))
+    try:
+        x = np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer too large for any float
+        raise SampleError("x: a value lies beyond float32's range") from None
+    return Samples(tasks, _finite_float32(x, schema), np.array(labels, dtype=np.int64))
+
+
+def _numbers(schema: SampleSchema, x: Any, where: str) -> list[float | int]:
+    """The values of one input, flat or nested to the input shape, checked to be numbers."""
+    size, shape = schema.size, schema.input_shape
+    expected = f"{size} numbers, flat or nested as {list(shape)}"
+    if type(x) is not list:
+        raise SampleError(f"{where}: expected {expected}, got {type(x).__name__}")
+    if len(x) == size and (size == 0 or type(x[0]) is not list):
+        flat = x
+    else:
+        level = [x]
+        for depth, n in enumerate(shape):
+            if not all(type(v) is list and len(v) == n for v in level):
+                raise SampleError(f"{where}: expected {expected}; nesting level {depth} is not "
+                                  f"a list of {n}")
+            level = list(itertools.chain.from_iterable(level))
+        flat = level
+    kinds = set(map(type, flat))
+    if not kinds <= {float, int}:  # bool is not int here: true/false are not numbers
+        bad = sorted(k.__name__ for k in kinds - {float, int})
+        raise SampleError(f"{where}: values must be numbers, found {', '.join(bad)}")
+    return flat
+
+
+def _finite_float32(x: np.ndarray, schema: SampleSchema) -> np.ndarray:
+    bad = ~(np.abs(x) <= FLOAT32_MAX)  # NaN compares false: caught here too
+    if bad.any():
+        row = int(np.flatnonzero(bad.reshape(-1, schema.size).any(axis=1))[0])
+        raise SampleError(f"samples[{row}].x: holds NaN, Inf or a value beyond float32's range")
+    return x.astype(np.float32).reshape(-1, *schema.input_shape)
+
+
+def label_index(schema: SampleSchema, y: Any, where: str = "y") -> int:
+    """A label index in range, or the index of a known class name."""
+    if type(y) is int:
+        if 0 <= y < schema.n_classes:
+            return y
+        raise SampleError(f"{where}: label {y} is not in 0..{schema.n_classes - 1}")
+    if isinstance(y, str):
+        try:
+            return schema.classes.index(y)
+        except ValueError:
+            names = ", ".join(schema.classes[:20]) + (", ..." if schema.n_classes > 20 else "")
+            raise SampleError(f"{where}: unknown class {y!r}; known: {names}") from None
+    raise SampleError(f"{where}: must be a label index or a class name, got {y!r}")
+
+
+def parse_binary(schema: SampleSchema, body: bytes, max_samples: int) -> Samples:
+    """The binary form: a JSON header line, then the rows' raw bytes."""
+    head, newline, raw = body.partition(b"\n")
+    if not newline:
+        raise SampleError("binary body: a JSON header line must end with a newline")
+    header = _json(head, "binary header")
+    allowed = {"task", "y", "dtype", "scale"}
+    if not isinstance(header, dict) or not {"task", "y"} <= set(header) <= allowed:
+        raise SampleError('binary header: must be {"task", "y", "dtype"?, "scale"?}')
+    task = check_task(header["task"])
+    if not isinstance(header["y"], list):
+        raise SampleError("binary header: y must be a list of labels, one per row")
+    n = len(header["y"])
+    _check_count(n, max_samples)
+    labels = [label_index(schema, y, f"y[{i}]") for i, y in enumerate(header["y"])]
+    dtype = header.get("dtype", "float32")
+    if dtype not in BINARY_DTYPES:
+        raise SampleError(f"binary header: dtype {dtype!r}; use float32 or uint8")
+    scale = header.get("scale", 1.0)
+    if type(scale) not in (int, float) or not 0 < scale <= FLOAT32_MAX:
+        raise SampleError(f"binary header: scale must be a positive number, got {scale!r}")
+    itemsize = np.dtype(BINARY_DTYPES[dtype]).itemsize
+    if len(raw) != n * schema.size * itemsize:
+        raise SampleError(f"binary body: {len(raw)} bytes after the header; {n} rows of "
+                          f"{schema.size} {dtype} values need {n * schema.size * itemsize}")
+    x = np.frombuffer(raw, dtype=BINARY_DTYPES[dtype]).astype(np.float32)
+    if dtype == "uint8":
+        x *= np.float32(scale)
+    elif scale != 1.0:
+        raise SampleError("binary header: scale applies to uint8 rows only")
+    return Samples([task] * n, _finite_float32(x, schema), np.array(labels, dtype=np.int64))
+
+
+def _check_count(n: int, max_samples: int) -> None:
+    if n == 0:
+        raise SampleError("no samples in the request")
+    if n > max_samples:
+        raise SampleError(f"{n:,} samples in one request; the limit is {max_samples:,}", 413)

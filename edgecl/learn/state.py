@@ -1,0 +1,80 @@
+"""Checkpoints of the daemon: learner + journal offset, atomic, sha256-named, the last K kept.
+
+A checkpoint is `ckpt-<offset>-<sha256>.pt` in the state dir's `checkpoints/`: written to a temp
+file, fsync'd, renamed, the folder fsync'd (`edgecl.atomic`). Its name carries the sha256 of its
+bytes, checked before it is loaded (weights-only). A checkpoint that fails the check or the load
+is renamed `*.corrupt`, logged and counted, and the next older one is tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecl.atomic import atomic_open
+from edgecl.checkpoint import encode_checkpoint, learner_from_payload, read_checkpoint
+from edgecl.learners import Learner
+from edgecl.serve.repository import sha256_of
+
+log = logging.getLogger("edgecl.learn")
+NAME = re.compile(r"ckpt-(?P<offset>\d{12})-(?P<sha256>[0-9a-f]{64})\.pt")
+
+
+@dataclass(frozen=True)
+class Restored:
+    learner: Learner
+    meta: dict[str, Any]
+    path: Path
+
+
+class CheckpointStore:
+    def __init__(self, folder: Path, keep: int) -> None:
+        self.folder = folder
+        self.keep = keep
+        self.corrupt = 0  # checkpoints refused since start
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def paths(self) -> list[Path]:
+        """Valid-looking checkpoint names, oldest first (by offset, then time written)."""
+        found = [p for p in self.folder.iterdir() if NAME.fullmatch(p.name)]
+        return sorted(found, key=lambda p: (int(NAME.fullmatch(p.name)["offset"]),
+                                            p.stat().st_mtime_ns))
+
+    def save(self, learner: Learner, meta: dict[str, Any], offset: int) -> Path:
+        """Write a checkpoint at journal `offset`; keep only the newest `keep`."""
+        data = encode_checkpoint(learner, {**meta, "offset": offset})
+        path = self.folder / f"ckpt-{offset:012d}-{sha256_of(data)}.pt"
+        with atomic_open(path) as f:
+            f.write(data)
+        for old in self.paths()[:-self.keep]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+        return path
+
+    def oldest_offset(self) -> int:
+        """The journal offset of the oldest kept checkpoint: records up to it can go."""
+        paths = self.paths()
+        return int(NAME.fullmatch(paths[0].name)["offset"]) if paths else 0
+
+    def restore(self, device: str) -> Restored | None:
+        """The newest checkpoint that passes its sha256 and loads, or None."""
+        for path in reversed(self.paths()):
+            try:
+                data = path.read_bytes()
+                expected = NAME.fullmatch(path.name)["sha256"]
+                if sha256_of(data) != expected:
+                    raise ValueError(f"{path}: sha256 {sha256_of(data)[:12]}... does not match "
+                                     f"its name's {expected[:12]}...")
+                payload = read_checkpoint(path, data)
+                learner = learner_from_payload(path, payload, device)
+                return Restored(learner, payload["meta"], path)
+            except (OSError, ValueError, KeyError) as e:
+                self.corrupt += 1
+                log.error("checkpoint refused, trying an older one: %s", e)
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".corrupt"))
+        return None

@@ -256,6 +256,200 @@ def serve(
     serving.join()
 
 
+@app.command()
+def learn(
+    state_dir: Annotated[Path, typer.Option(
+        help="Folder of the daemon's journal, checkpoints and lock (created if missing).")],
+    config: Annotated[Path | None, typer.Option(
+        help="YAML preset (see models/): method, net, and the sample schema in its stream: "
+             "section, or its benchmark's when it has none.")] = None,
+    repo: Annotated[Path | None, typer.Option(
+        help="Model repository: every consolidated task is exported and published there, "
+             "where `edgecl serve --repo` picks it up.")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on (0.0.0.0 exposes the daemon to the network).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")
+                    ] = 8765,
+    socket: Annotated[Path | None, typer.Option(
+        help="Also accept NDJSON samples on this unix socket (mode 0600).")] = None,
+    mqtt: Annotated[str | None, typer.Option(
+        help="Also subscribe to edgecl/<device>/samples on this MQTT broker, "
+             "e.g. mqtt://127.0.0.1:1883 (needs --device).")] = None,
+    device: Annotated[str | None, typer.Option(help="This device's name in MQTT topics.")
+                      ] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding the bearer token clients must send (default: $EDGECL_LEARN_TOKEN "
+             "if set, else none).")] = None,
+    threads: Annotated[int, typer.Option(
+        min=1, help="torch threads for learning (1: the other cores stay free for ingest, "
+                    "serve and the sensor process).")] = 1,
+) -> None:
+    """Learn from a live sample stream, in one pass, forgetting nothing; survive crashes.
+
+    Samples arrive over HTTP (POST /v1/samples), a unix socket (--socket) or MQTT (--mqtt) and
+    are acknowledged once durable in the journal. The learner consumes the journal in order,
+    checkpoints, and after a crash restores its newest checkpoint and replays the journal, so
+    every acknowledged sample is learned exactly once. SIGTERM / SIGINT: finish the current step,
+    checkpoint, exit 0. See GET /openapi.json for the API.
+    """
+    import logging
+    import os
+    import signal
+    import threading
+
+    import torch
+
+    from edgecl.learn.daemon import Daemon, DaemonError
+    from edgecl.learn.http import IngestApp
+    from edgecl.learn.unixsocket import SocketSource
+    from edgecl.web import HTTPServer, ListenError
+
+    if mqtt and not device:
+        fail("--mqtt needs --device NAME (the topic is edgecl/<device>/samples)")
+    token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
+    if token is not None and not token:
+        fail("$EDGECL_LEARN_TOKEN is set but empty")
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        fail(str(e))
+    _log_json_lines()
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    try:
+        daemon = Daemon(cfg, state_dir, repo)
+    except (ConfigError, DaemonError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{state_dir}: cannot use the state dir ({e.strerror or e})")
+    sources: list[Any] = []
+    try:
+        server = HTTPServer(IngestApp(daemon, token), host, port)
+        if socket:
+            sources.append(SocketSource(daemon, socket))
+        if mqtt:
+            from edgecl.learn.mqtt import MqttSource
+
+            sources.append(MqttSource(daemon, mqtt, device or ""))
+    except (ListenError, OSError, ValueError) as e:
+        daemon.stop()
+        fail(str(e))
+    daemon.start()
+    for source in sources:
+        source.start()
+    logging.getLogger("edgecl.learn").info(
+        "listening on %s (%s), state %s, method %s", server.url,
+        "bearer token" if token else "no token", state_dir, cfg.method.name)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = threading.Thread(target=server.serve, name="edgecl-http")
+    serving.start()
+    while serving.is_alive() and not stop.wait(0.5):
+        pass
+    server.shutdown()  # finishes the requests in flight
+    serving.join()
+    for source in sources:
+        source.stop()
+    daemon.stop()  # finishes the current step, checkpoints
+
+
+@app.command()
+def replay(
+    source: Annotated[str, typer.Argument(
+        help="What to stream: embedded:NAME (pmnist, rotmnist, splitmnist, mnist1d) or "
+             "file:PATH.npz; its training samples, task by task.")],
+    to: Annotated[str, typer.Option(help="The daemon's URL.")] = "http://127.0.0.1:8765",
+    rate: Annotated[float | None, typer.Option(
+        min=1, help="Samples per second at most (default: as fast as the daemon takes them).")
+                    ] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma-separated task names or indices to send (default: all, in order).")
+                     ] = None,
+    samples_per_task: Annotated[int | None, typer.Option(
+        min=1, help="Training samples per task (default: the benchmark's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the benchmark's task transforms.")] = 0,
+    batch: Annotated[int, typer.Option(min=1, help="Samples per request.")] = 100,
+    token_file: Annotated[Path | None, typer.Option(
+        help="Bearer token file (default: $EDGECL_LEARN_TOKEN if set).")] = None,
+    end_tasks: Annotated[bool, typer.Option(
+        help="End each task after its samples (the daemon consolidates and exports it).")
+                         ] = True,
+) -> None:
+    """Stream a benchmark's or a task file's training samples into a running `edgecl learn`."""
+    import os
+    import time
+
+    from edgecl.data import BenchmarkError, load_benchmark
+    from edgecl.learn.client import LearnClient, LearnError
+
+    name = source.removeprefix("embedded:")
+    token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
+    try:
+        bench = load_benchmark(name, samples_per_task=samples_per_task, seed=seed)
+        chosen = _choose_tasks(bench.tasks, tasks)
+        client = LearnClient(to, token, batch=batch)
+    except (BenchmarkError, ValueError) as e:
+        fail(str(e))
+    total = sum(len(t.y_train) for t in chosen)
+    t0 = time.perf_counter()
+    with client, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=console) as bar:
+        job = bar.add_task(f"{source} -> {to}", total=total)
+        sent = 0
+        try:
+            for task in chosen:
+                for i in range(0, len(task.y_train), batch):
+                    x, y = task.x_train[i:i + batch].numpy(), task.y_train[i:i + batch]
+                    client.send_many(task.name, x, y.tolist())
+                    client.flush()
+                    sent += len(y)
+                    bar.update(job, advance=len(y))
+                    if rate:  # sleep until this many samples are due
+                        time.sleep(max(0.0, sent / rate - (time.perf_counter() - t0)))
+                if end_tasks:
+                    client.end_task(task.name)
+        except (LearnError, OSError) as e:
+            fail(f"after {client.sent:,} acknowledged samples: {e}", code=1)
+    seconds = time.perf_counter() - t0
+    console.print(f"sent {client.sent:,} samples of {len(chosen)} task(s) in {seconds:.1f} s "
+                  f"({client.sent / seconds:,.0f}/s; {client.retries} retries after 429)")
+
+
+def _choose_tasks(all_tasks: tuple[Any, ...], spec: str | None) -> list[Any]:
+    if spec is None:
+        return list(all_tasks)
+    names = [t.name for t in all_tasks]
+    chosen = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in names:
+            chosen.append(all_tasks[names.index(item)])
+        elif item.isdigit() and int(item) < len(all_tasks):
+            chosen.append(all_tasks[int(item)])
+        else:
+            raise ValueError(f"--tasks: no task {item!r}; the source has {', '.join(names)} "
+                             f"(or indices 0..{len(names) - 1})")
+    return chosen
+
+
+def _log_json_lines() -> None:
+    """One JSON object per log line on stderr: what journald and log shippers parse."""
+    import logging
+
+    class JsonLines(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            line = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level":
+                    record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+            if record.exc_info:
+                line["exc"] = self.formatException(record.exc_info)
+            return json.dumps(line)
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def _read_token(path: Path) -> str:
     try:
         token = path.read_text(encoding="utf-8").strip()

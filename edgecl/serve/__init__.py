@@ -12,10 +12,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgecl.serve.http import DEFAULT_MAX_BODY_BYTES, InferenceApp, InferenceServer, ListenError
+from edgecl.serve.http import DEFAULT_MAX_BODY_BYTES, InferenceApp, InferenceServer
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
 from edgecl.serve.runtime import choose_providers, load_model
+from edgecl.web import ListenError
 
 TOKEN_ENV = "EDGECL_SERVE_TOKEN"
 log = logging.getLogger("edgecl.serve")

@@ -5,60 +5,43 @@ Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{task}[/versio
 Errors are `{"error": "..."}` with a 4xx status for anything the client got wrong; no input can
 end the server.
 
-Why this stack: measured on a 2-core machine against the standard library's threaded server
-(benchmarks/serve_load.py --server threaded, 11 alternating pairs), it is as fast at one client
-and at 8 clients serves more requests/s (median 7,600 vs 6,000) with a lower p99 (2.2 vs 5.9 ms):
-one event loop, not a thread per connection contending for the GIL. No web framework on top:
-routing is a regex, and onnxruntime runs inline on the loop (microseconds for the models here;
-a much heavier model would want worker processes).
+The HTTP stack is `edgecl.web`'s. No web framework on top: routing is a regex, and onnxruntime
+runs inline on the loop (microseconds for the models here; a much heavier model would want
+worker processes).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
-import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
-import uvicorn
 
 from edgecl import __version__
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
-from edgecl.serve.protocol import (
-    BINARY_HEADER,
-    RequestError,
-    encode_response,
-    metadata,
-    parse_request,
-)
+from edgecl.serve.protocol import BINARY_HEADER, encode_response, metadata, parse_request
 from edgecl.serve.runtime import LoadedModel
+from edgecl.web import (
+    HTTPServer,
+    Receive,
+    RequestError,
+    Response,
+    Send,
+    authorize,
+    error_response,
+    read_body,
+    send_response,
+)
 
 log = logging.getLogger("edgecl.serve")
-JSON = "application/json"
 MODEL_URL = re.compile(r"/v2/models/(?P<task>[^/]+)(?:/versions/(?P<version>[^/]+))?"
                        r"(?P<action>/infer|/ready)?")
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no token
 _BINARY_KEY = BINARY_HEADER.lower().encode()  # ASGI header names are lower-case bytes
-IDLE_TIMEOUT_S = 60  # an idle keep-alive connection is closed after this
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class ListenError(Exception):
-    """The server's socket cannot be set up: unknown host, address in use, no permission."""
-
-
-class Response(NamedTuple):
-    status: int
-    body: bytes
-    content_type: str = JSON
-    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def _json(obj: Any) -> bytes:
@@ -84,7 +67,7 @@ class InferenceApp:
         url = MODEL_URL.fullmatch(path)
         try:
             if path not in OPEN_PATHS:
-                self._authorize(headers)
+                authorize(self.token, headers)
             if method == "GET":
                 response = self._get(path, url)
             elif method == "POST":
@@ -94,12 +77,11 @@ class InferenceApp:
                 raise RequestError(405, f"method {method} not allowed; use {allow}", close=True,
                                    headers=((b"allow", allow.encode()),))
         except RequestError as e:
-            close = ((b"connection", b"close"),) if e.close else ()
-            response = Response(e.status, _json({"error": str(e)}), JSON, (*e.headers, *close))
+            response = error_response(e)
         except Exception:
             log.exception("%s %s failed", method, path)
             response = Response(500, _json({"error": "internal error; see the log"}))
-        await _send(send, response)
+        await send_response(send, response)
         if method == "POST":  # labelled by task only for tasks served, not any name asked for
             task = url["task"] if url and self.models.get(url["task"]) else ""
             self.metrics.request(task, response.status, time.perf_counter() - t0)
@@ -126,7 +108,7 @@ class InferenceApp:
                     receive: Receive) -> Response:
         if url is None or url["action"] != "/infer":
             raise RequestError(404, f"no such endpoint: POST {path}", close=True)
-        body = await self._read_body(headers, receive)
+        body = await read_body(headers, receive, self.max_body_bytes)
         model = self._model(url["task"], url["version"])
         json_length = headers.get(_BINARY_KEY)
         request = parse_request(body, json_length and json_length.decode("latin-1"),
@@ -140,34 +122,6 @@ class InferenceApp:
         return Response(200, payload, "application/octet-stream",
                         ((_BINARY_KEY, str(json_part).encode()),))
 
-    def _authorize(self, headers: dict[bytes, bytes]) -> None:
-        if self.token is None:
-            return
-        # RFC 9110: the scheme is case-insensitive and one or more spaces follow it
-        scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
-        if not (scheme.lower() == b"bearer"
-                and hmac.compare_digest(credentials.lstrip(b" "), self.token.encode())):
-            raise RequestError(401, "missing or wrong bearer token", close=True)
-
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        """The whole body, refused (413) as soon as it is known to exceed the limit."""
-        limit = self.max_body_bytes
-        length = headers.get(b"content-length", b"0")
-        if length.isdigit() and int(length) > limit:
-            raise RequestError(413, f"body of {int(length):,} bytes is over the limit of "
-                                    f"{limit:,} bytes", close=True)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "client went away mid-body", close=True)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:  # a chunked body has no Content-Length to check up front
-                raise RequestError(413, f"body is over the limit of {limit:,} bytes", close=True)
-            more = message.get("more_body", False)
-        return b"".join(chunks)
-
     def _model(self, task: str, version: str | None) -> LoadedModel:
         model = self.models.get(task)
         if model is None:
@@ -180,73 +134,19 @@ class InferenceApp:
         return model
 
 
-async def _send(send: Send, response: Response) -> None:
-    headers = [(b"content-type", response.content_type.encode()),
-               (b"content-length", str(len(response.body)).encode()), *response.headers]
-    if response.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-def _address(host: str, port: int) -> str:
-    """host:port, an IPv6 literal in brackets (RFC 3986)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; its proto must say TCP, or asyncio leaves Nagle on (40 ms waits)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as e:  # socket.gaierror included: an unknown host
-        raise ListenError(f"cannot listen on {_address(host, port)}: {e.strerror}") from None
-    return sock
-
-
-class InferenceServer:
-    """uvicorn serving an `InferenceApp` on a socket bound at construction (port 0: any free).
-
-    `run()` blocks until `shutdown()`; call it from a thread other than the main one, which
-    uvicorn would take signals from: the caller decides what a signal means.
-    """
+class InferenceServer(HTTPServer):
+    """The inference app served by uvicorn; `run()` also hot-reloads the repository."""
 
     def __init__(self, app: InferenceApp, host: str = "127.0.0.1", port: int = 8080) -> None:
+        super().__init__(app, host, port)
         self.app = app
         self.models = app.models
         self.metrics = app.metrics
-        self.socket = _listen(host, port)
-        config = uvicorn.Config(app, http="httptools", loop="asyncio", lifespan="off",
-                                timeout_keep_alive=IDLE_TIMEOUT_S, log_level="warning",
-                                access_log=False, server_header=False, date_header=False)
-        self._uvicorn = uvicorn.Server(config)
-
-    @property
-    def url(self) -> str:
-        host, port = self.socket.getsockname()[:2]
-        return f"http://{_address(host, port)}"
-
-    @property
-    def started(self) -> bool:
-        return self._uvicorn.started
 
     def run(self, poll_s: float) -> None:
         """Serve, hot-reloading the repository every `poll_s` seconds, until `shutdown()`."""
         self.models.start_polling(poll_s)
         try:
-            self._uvicorn.run(sockets=[self.socket])
+            self.serve()
         finally:
             self.models.stop()
-            self.socket.close()
-
-    def shutdown(self) -> None:
-        """Stop accepting, finish the requests in flight, return from `run()`."""
-        self._uvicorn.should_exit = True

@@ -18,22 +18,9 @@ import numpy as np
 import orjson
 
 from edgecl.serve.repository import Manifest, TensorSpec
+from edgecl.web import RequestError
 
 BINARY_HEADER = "Inference-Header-Content-Length"
-
-
-class RequestError(Exception):
-    """A client mistake: answered with `status`, the message and any extra `headers`.
-
-    `close` ends the connection: needed when the request body was not read.
-    """
-
-    def __init__(self, status: int, message: str, close: bool = False,
-                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.close = close
-        self.headers = headers
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,327 @@
+"""The `edgecl learn` daemon: journal, restore + replay, the learning thread, checkpoints,
+evaluation, publishing. Ingest sources (HTTP, unix socket, MQTT) call `submit`; the learning
+thread is the only one that touches the learner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from edgecl.config import Config
+from edgecl.learn.journal import END, FLUSH, Appended, Journal
+from edgecl.learn.loop import Learning
+from edgecl.learn.schema import SampleError, Samples, SampleSchema, check_task, schema_for
+from edgecl.learn.state import CheckpointStore
+from edgecl.learners import LearnerSpec, build_learner
+from edgecl.serve.repository import sha256_of
+
+log = logging.getLogger("edgecl.learn")
+READ_CHUNK = 512  # journal records read per query
+T = TypeVar("T")
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start: state dir locked or holding another learner."""
+
+
+class Backpressure(Exception):
+    """The learner is `max_lag` records behind: ingest must wait `retry_after_s`."""
+
+    def __init__(self, lag: int, retry_after_s: float) -> None:
+        super().__init__(f"the learner is {lag:,} records behind the journal; retry in "
+                         f"{retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """An exclusive lock on `state_dir/lock`, held until the process ends or it is closed."""
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"{state_dir}: another edgecl learn holds this state dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict without what may change between runs of one learner (device, daemon knobs)."""
+    config = {k: v for k, v in spec["config"].items() if k not in ("device", "learn")}
+    return {**spec, "config": config}
+
+
+class Daemon:
+    """Owns the state dir: `start()` restores and learns in a thread, `stop()` checkpoints."""
+
+    def __init__(self, cfg: Config, state_dir: Path, repo: Path | None = None) -> None:
+        self.cfg = cfg
+        self.schema: SampleSchema = schema_for(cfg)
+        self.spec = LearnerSpec(cfg, self.schema.input_shape, self.schema.n_classes,
+                                self.schema.head, self.schema.max_tasks)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        self._lock_fd = lock_state_dir(state_dir)
+        self.journal = Journal(state_dir / "journal.sqlite3", self.schema.max_tasks)
+        self.checkpoints = CheckpointStore(state_dir / "checkpoints", cfg.learn.keep_checkpoints)
+        self.publisher = Publisher(repo, self.spec, self.schema.classes) if repo else None
+        self.rejected = 0
+        self.lost = 0  # records truncated from the journal that no checkpoint holds
+        self.last_checkpoint: dict[str, Any] | None = None
+        self.learning = self._restore()
+        self.learning.on_consolidated = self._consolidated
+        self.replay_target = self.journal.last_seq
+        self.footprint = self.learning.learner.footprint().to_dict()
+        self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgecl-learn")
+        self.started_at = time.time()
+
+    # --- start and stop --------------------------------------------------------------------
+    def _restore(self) -> Learning:
+        restored = self.checkpoints.restore(self.cfg.device)
+        if restored is not None:
+            saved = restored.learner.spec.to_dict()
+            if _comparable(saved) != _comparable(self.spec.to_dict()):
+                raise DaemonError(f"{self.state_dir} holds a learner of another config "
+                                  f"({restored.path.name}); use a new --state-dir or the same "
+                                  "config")
+            learning = Learning(restored.learner, self.schema, self.cfg.learn,
+                                restored.meta["learning"])
+            log.info("restored %s: journal offset %d", restored.path.name, learning.offset)
+            return learning
+        learning = Learning(build_learner(self.spec), self.schema, self.cfg.learn)
+        first = self.journal.first_seq()
+        if first > 1:  # every checkpoint refused and the journal before them truncated
+            self.lost = first - 1
+            log.error("no usable checkpoint; records 1..%d are gone: learning from the journal "
+                      "that is left", first - 1)
+            learning.offset = first - 1
+        self._save_checkpoint(learning)  # the initial state: a restart starts from it
+        return learning
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the current step, checkpoint, close everything (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.publisher is not None:
+            self.publisher.close()
+        self.journal.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    @property
+    def ready(self) -> bool:
+        """Restore and replay of the journal found at start are done."""
+        return self._thread.is_alive() and self.learning.read_seq >= self.replay_target
+
+    # --- ingest (any thread) ---------------------------------------------------------------
+    def lag(self) -> int:
+        return self.journal.last_seq - self.learning.offset
+
+    def check_backpressure(self) -> None:
+        lag = self.lag()
+        if lag > self.cfg.learn.max_lag:
+            raise Backpressure(lag, 1.0)
+
+    def submit(self, samples: Samples) -> Future[Appended]:
+        """Journal validated samples; the future resolves once they are durable."""
+        self.check_backpressure()
+        return self.journal.append(samples)
+
+    def end_task(self, task: str) -> Future[Appended]:
+        if check_task(task) not in self.journal.accepted:
+            raise SampleError(f"unknown task {task!r}: no sample of it was accepted", 404)
+        return self.journal.append_marker(END, task)
+
+    def reject(self) -> None:
+        self.rejected += 1
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the learning thread (between steps); its result comes in the future."""
+        future: Future[T] = Future()
+        if not self._thread.is_alive():
+            future.set_exception(RuntimeError("the learning thread is not running"))
+        else:
+            self._calls.put((fn, future))
+        return future
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Checkpoint now (on the learning thread)."""
+        self._save_checkpoint(self.learning)
+        return self.last_checkpoint or {}
+
+    def evaluate(self) -> dict[str, float]:
+        return self.learning.evaluate()
+
+    def export(self, task: str) -> None:
+        """Queue `task`'s model for export (on the learning thread)."""
+        if self.publisher is None:
+            raise SampleError("no model repository: start edgecl learn with --repo", 409)
+        if task not in self.learning.learner.task_ids:
+            raise SampleError(f"unknown task {task!r}: nothing learned of it yet", 404)
+        self._publish(task)
+
+    # --- the learning thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        cfg = self.cfg.learn
+        last_checkpoint_s, last_checkpoint_learned = time.monotonic(), self.learning.learned
+        last_record_s, flushed_at = time.monotonic(), -1
+        while not self._stop.is_set():
+            self._run_calls()
+            records = self.journal.read(self.learning.read_seq, READ_CHUNK)
+            for record in records:
+                if self._stop.is_set():
+                    break
+                self.learning.take(record)
+            now = time.monotonic()
+            if records:
+                last_record_s = now
+            if (self.learning.learned - last_checkpoint_learned >= cfg.checkpoint_every
+                    or now - last_checkpoint_s >= cfg.checkpoint_seconds):
+                self._save_checkpoint(self.learning)
+                last_checkpoint_s, last_checkpoint_learned = now, self.learning.learned
+            if not records:
+                pending = self.learning.pending
+                if pending and now - last_record_s > cfg.flush_idle_s \
+                        and flushed_at != pending[-1].seq:
+                    flushed_at = pending[-1].seq  # one marker per stalled batch
+                    self.journal.append_marker(FLUSH, pending[-1].task)
+                self.journal.wait(self.learning.read_seq, 0.05)
+        self._run_calls()
+        self._save_checkpoint(self.learning)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except Exception as e:  # the caller reports it; the thread goes on
+                future.set_exception(e)
+
+    def _save_checkpoint(self, learning: Learning) -> None:
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(learning.learner, {"learning": learning.state_dict()},
+                                     learning.offset)
+        self.journal.truncate(self.checkpoints.oldest_offset())
+        self.footprint = learning.learner.footprint().to_dict()
+        self.last_checkpoint = {"file": path.name, "offset": learning.offset,
+                                "at": time.time(), "seconds": time.perf_counter() - t0}
+        log.info("checkpoint %s (%.2f s)", path.name, self.last_checkpoint["seconds"])
+
+    def _consolidated(self, task: str) -> None:
+        accs = self.learning.rows[task]
+        log.info("task %s consolidated; held-out accuracy %s", task,
+                 ", ".join(f"{t} {a:.3f}" for t, a in accs.items()) or "n/a")
+        if self.publisher is not None:
+            self._publish(task)
+
+    def _publish(self, task: str) -> None:
+        x, _ = self.learning.holdout.tensors(task)
+        assert self.publisher is not None
+        self.publisher.submit(task, self.learning.learner.task_module(task), x,
+                              f"edgecl learn {self.state_dir.resolve()} at journal seq "
+                              f"{self.learning.offset}")
+
+    # --- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        learning = self.learning
+        accepted = dict(self.journal.accepted)
+        holdout = learning.holdout.counts()
+        tasks = {
+            task: {"accepted": n, "held_out": holdout.get(task, 0),
+                   "accuracy": learning.accuracy_now.get(task),
+                   "accuracy_when_learned": learning.accuracy_learned.get(task),
+                   "published_version": (self.publisher.published.get(task)
+                                         if self.publisher else None)}
+            for task, n in accepted.items()}
+        return {
+            "ready": self.ready, "accepted": sum(accepted.values()), "learned": learning.learned,
+            "trained": learning.trained, "rejected": self.rejected, "lost": self.lost,
+            "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
+                        "lag": self.lag(), "pending": len(learning.pending)},
+            "open_task": learning.learner.open_task, "tasks": tasks,
+            "method": self.cfg.method.name, "device": str(learning.learner.device),
+            "last_checkpoint": self.last_checkpoint,
+            "corrupt_checkpoints": self.checkpoints.corrupt,
+            "footprint": self.footprint,
+            "publish": self.publisher.status() if self.publisher else None,
+            "uptime_s": time.time() - self.started_at,
+        }
+
+
+class Publisher:
+    """Exports consolidated tasks into the model repository on its own thread."""
+
+    def __init__(self, repo: Path, spec: LearnerSpec, classes: tuple[str, ...]) -> None:
+        self.repo = repo
+        self.spec = spec
+        self.classes = list(classes)
+        self.published: dict[str, int] = {}
+        self.failed = 0
+        self.last_error: str | None = None
+        self._jobs: queue.Queue[tuple[str, torch.nn.Module, torch.Tensor, str] | None] = \
+            queue.Queue(maxsize=spec.max_tasks)
+        self._thread = threading.Thread(target=self._run, name="edgecl-publish", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: str, module: torch.nn.Module, real: torch.Tensor, source: str
+               ) -> None:
+        try:
+            self._jobs.put_nowait((task, module, real, source))
+        except queue.Full:
+            log.warning("export of %s skipped: %d exports already queued", task,
+                        self._jobs.qsize())
+
+    def _run(self) -> None:
+        from edgecl.export import ExportError, export_module
+
+        while (job := self._jobs.get()) is not None:
+            task, module, real, source = job
+            buffer = io.BytesIO()
+            torch.save(module.state_dict(), buffer)
+            note = (f"{len(real)} held-out samples of the stream" if len(real)
+                    else "random inputs only: no held-out samples of this task yet")
+            try:
+                manifest = export_module(module, self.repo, task, self.spec, self.classes,
+                                         real if len(real) else None, note, source,
+                                         sha256_of(buffer.getvalue()))
+            except (ExportError, OSError, ValueError) as e:
+                self.failed += 1
+                self.last_error = str(e)
+                log.error("export of %s failed: %s", task, e)
+                continue
+            self.published[task] = manifest.version
+            log.info("published %s version %d", task, manifest.version)
+
+    def status(self) -> dict[str, Any]:
+        return {"repo": str(self.repo), "queued": self._jobs.qsize(), "failed": self.failed,
+                "last_error": self.last_error}
+
+    def close(self) -> None:
+        """Finish the queued exports."""
+        with contextlib.suppress(queue.Full):
+            self._jobs.put(None, timeout=60)
+        self._thread.join(timeout=300)

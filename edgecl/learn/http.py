@@ -1,0 +1,172 @@
+"""The daemon's HTTP API (`edgecl.web`'s stack): ingest, control, status, metrics, OpenAPI.
+
+POST /v1/samples             JSON, NDJSON or the binary form (`edgecl.learn.schema`) -> 202
+                             {"first_seq", "count"} once durable; 429 + Retry-After when the
+                             learner lags; 4xx naming the field for a bad sample
+POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happens there)
+POST /v1/tasks/{task}/export export the task's model now (needs --repo)
+POST /v1/checkpoint          checkpoint now;  POST /v1/evaluate: held-out accuracy now
+GET  /v1/status, /healthz, /readyz, /metrics, /openapi.json
+With a token every endpoint but /healthz needs `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from edgecl.learn.daemon import Backpressure, Daemon
+from edgecl.learn.journal import JournalError
+from edgecl.learn.openapi import OPENAPI
+from edgecl.learn.schema import SampleError, parse_body
+from edgecl.web import (
+    Receive,
+    RequestError,
+    Response,
+    Send,
+    authorize,
+    error_response,
+    json_response,
+    read_body,
+    send_response,
+)
+
+log = logging.getLogger("edgecl.learn")
+TASK_URL = re.compile(r"/v1/tasks/(?P<task>[^/]+)/(?P<action>end|export)")
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+class IngestApp:
+    """The ASGI app of `edgecl learn`."""
+
+    def __init__(self, daemon: Daemon, token: str | None = None) -> None:
+        self.daemon = daemon
+        self.token = token
+        self.max_body_bytes = int(daemon.cfg.learn.max_body_mb * (1 << 20))
+        self.registry = CollectorRegistry()
+        self.registry.register(DaemonCollector(daemon))
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        try:
+            if path not in OPEN_PATHS:
+                authorize(self.token, dict(scope["headers"]))
+            if method == "GET":
+                response = self._get(path)
+            elif method == "POST":
+                response = await self._post(path, dict(scope["headers"]), receive)
+            else:
+                raise RequestError(405, f"method {method} not allowed", close=True,
+                                   headers=((b"allow", b"GET, POST"),))
+        except RequestError as e:
+            response = error_response(e)
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            response = json_response(500, {"error": "internal error; see the log"})
+        await send_response(send, response)
+
+    def _get(self, path: str) -> Response:
+        d = self.daemon
+        if path == "/healthz":
+            return json_response(200, {"live": True})
+        if path == "/readyz":
+            return json_response(200 if d.ready else 503, {"ready": d.ready})
+        if path == "/v1/status":
+            return json_response(200, d.status())
+        if path == "/metrics":
+            return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        if path == "/openapi.json":
+            return json_response(200, OPENAPI)
+        raise RequestError(404, f"no such endpoint: GET {path}")
+
+    async def _post(self, path: str, headers: dict[bytes, bytes], receive: Receive
+                    ) -> Response:
+        d = self.daemon
+        if path == "/v1/samples":
+            body = await read_body(headers, receive, self.max_body_bytes)
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            return await self._accept(lambda: d.submit(
+                parse_body(d.schema, body, content_type, d.cfg.learn.max_request_samples)))
+        await read_body(headers, receive, 1 << 16)  # control bodies are ignored
+        url = TASK_URL.fullmatch(path)
+        if url and url["action"] == "end":
+            return await self._accept(lambda: d.end_task(url["task"]))
+        if url:
+            return await self._on_learner(lambda: d.export(url["task"]) or
+                                          {"queued": url["task"]}, 202)
+        if path == "/v1/checkpoint":
+            return await self._on_learner(d.checkpoint, 200)
+        if path == "/v1/evaluate":
+            return await self._on_learner(lambda: {"accuracy": d.evaluate()}, 200)
+        raise RequestError(404, f"no such endpoint: POST {path}")
+
+    async def _accept(self, journal: Callable[[], Future[Any]]) -> Response:
+        """Validate + journal; 202 once durable, or the 4xx/429/5xx that says why not."""
+        try:
+            appended = await asyncio.wrap_future(journal())
+        except SampleError as e:
+            self.daemon.reject()
+            raise RequestError(e.status, str(e)) from None
+        except Backpressure as e:
+            retry = str(max(1, round(e.retry_after_s))).encode()
+            raise RequestError(429, str(e), headers=((b"retry-after", retry),)) from None
+        except JournalError as e:
+            raise RequestError(507, f"the journal cannot be written ({e}); nothing was "
+                                    "accepted", headers=((b"retry-after", b"5"),)) from None
+        return json_response(202, {"first_seq": appended.first_seq, "count": appended.count})
+
+    async def _on_learner(self, fn: Callable[[], Any], status: int) -> Response:
+        try:
+            result = await asyncio.wrap_future(self.daemon.call(fn))
+        except SampleError as e:
+            raise RequestError(e.status, str(e)) from None
+        except RuntimeError as e:
+            raise RequestError(503, str(e)) from None
+        return json_response(status, result)
+
+
+class DaemonCollector:
+    """Prometheus metrics read from the daemon's status at scrape time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Any:
+        s = self.daemon.status()
+        for name, help_text in (("accepted", "Samples journaled and acknowledged."),
+                                ("learned", "Samples consumed by the learner (trained or held "
+                                            "out)."),
+                                ("trained", "Samples trained on."),
+                                ("rejected", "Samples or requests refused by validation.")):
+            yield CounterMetricFamily(f"edgecl_learn_{name}", help_text, value=s[name])
+        lag = GaugeMetricFamily("edgecl_learn_journal_lag", "Journal records not yet learned.")
+        lag.add_metric([], s["journal"]["lag"])
+        yield lag
+        ready = GaugeMetricFamily("edgecl_learn_ready", "1 once restore and replay are done.")
+        ready.add_metric([], int(s["ready"]))
+        yield ready
+        accuracy = GaugeMetricFamily("edgecl_learn_task_accuracy", "Held-out accuracy now.",
+                                     labels=["task"])
+        learned = GaugeMetricFamily("edgecl_learn_task_accuracy_when_learned",
+                                    "Held-out accuracy right after the task was learned.",
+                                    labels=["task"])
+        for task, t in s["tasks"].items():  # task ids: at most max_tasks, all journaled
+            if t["accuracy"] is not None:
+                accuracy.add_metric([task], t["accuracy"])
+            if t["accuracy_when_learned"] is not None:
+                learned.add_metric([task], t["accuracy_when_learned"])
+        yield accuracy
+        yield learned
+        corrupt = CounterMetricFamily("edgecl_learn_corrupt_checkpoints",
+                                      "Checkpoints refused at restore (sha256 or load).",
+                                      value=s["corrupt_checkpoints"])
+        yield corrupt

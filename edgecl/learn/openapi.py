@@ -1,0 +1,91 @@
+"""The OpenAPI 3.0 description of the daemon's HTTP API, served at /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgecl.serve.repository import TASK_ID
+
+_TASK = {"type": "string", "pattern": f"^{TASK_ID.pattern}$"}
+_ERROR = {"description": "what is wrong", "content": {"application/json": {"schema": {
+    "$ref": "#/components/schemas/Error"}}}}
+_ACK = {"description": "durable: journaled and fsync'd", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/Ack"}}}}
+
+
+def _json(ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+
+
+def _ok(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object"}}}}
+
+
+_TASK_PARAM = [{"name": "task", "in": "path", "required": True, "schema": _TASK}]
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "edgecl learn", "version": "1",
+             "description": "On-device continual learning daemon: ingest labelled samples, "
+                            "learn them once, checkpoint, publish per-task models."},
+    "security": [{"bearer": []}],
+    "paths": {
+        "/v1/samples": {"post": {
+            "summary": "Accept samples: one, a batch, NDJSON lines or the binary form",
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"oneOf": [
+                    {"$ref": "#/components/schemas/Sample"},
+                    {"$ref": "#/components/schemas/Batch"}]}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "application/vnd.edgecl.samples": {"schema": {"type": "string",
+                                                              "format": "binary"}}}},
+            "responses": {"202": _ACK, "400": _ERROR, "409": _ERROR, "413": _ERROR,
+                          "415": _ERROR, "429": _ERROR, "507": _ERROR}}},
+        "/v1/tasks/{task}/end": {"post": {
+            "summary": "Journal an end-of-task marker: the learner consolidates the task there",
+            "parameters": _TASK_PARAM,
+            "responses": {"202": _ACK, "400": _ERROR, "404": _ERROR, "507": _ERROR}}},
+        "/v1/tasks/{task}/export": {"post": {
+            "summary": "Export the task's model into the repository now",
+            "parameters": _TASK_PARAM,
+            "responses": {"202": _ok("queued"), "400": _ERROR, "404": _ERROR,
+                          "409": _ERROR}}},
+        "/v1/checkpoint": {"post": {"summary": "Checkpoint now",
+                                    "responses": {"200": _ok("the checkpoint written")}}},
+        "/v1/evaluate": {"post": {"summary": "Held-out accuracy of every task now",
+                                  "responses": {"200": _ok("accuracy per task")}}},
+        "/v1/status": {"get": {"summary": "Counts, journal lag, tasks, checkpoints, footprint",
+                               "responses": {"200": _ok("status")}}},
+        "/healthz": {"get": {"summary": "Liveness (no token needed)", "security": [],
+                             "responses": {"200": _ok("live")}}},
+        "/readyz": {"get": {"summary": "Ready once restore and replay are done",
+                            "responses": {"200": _ok("ready"), "503": _ok("not yet")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"summary": "This document",
+                                  "responses": {"200": _ok("OpenAPI 3.0")}}},
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Sample": {"type": "object", "required": ["task", "x", "y"],
+                       "additionalProperties": False, "properties": {
+                           "task": _TASK,
+                           "x": {"type": "array", "description": "the input's values, flat "
+                                 "(row-major) or nested to the input shape",
+                                 "items": {}},
+                           "y": {"oneOf": [{"type": "integer", "minimum": 0},
+                                           {"type": "string"}],
+                                 "description": "label index or class name"}}},
+            "Batch": {"type": "object", "required": ["samples"], "additionalProperties": False,
+                      "properties": {"samples": {"type": "array", "minItems": 1, "items": {
+                          "$ref": "#/components/schemas/Sample"}}}},
+            "Ack": {"type": "object", "required": ["first_seq", "count"], "properties": {
+                "first_seq": {"type": "integer"}, "count": {"type": "integer"}}},
+            "Error": {"type": "object", "required": ["error"],
+                      "properties": {"error": {"type": "string"}}},
+        },
+    },
+}

@@ -1,0 +1,108 @@
+"""A unix domain socket (mode 0600) speaking NDJSON, for a sensor process on the same device.
+
+Each line is a sample, a batch `{"samples": [...]}`, or `{"end_task": "<task>"}`. Each line gets
+one answer line once it is durable: `{"first_seq": N, "count": k}`, or `{"error": "...",
+"status": 400}` naming the problem, or `{"error": "...", "status": 429, "retry_after": s}` when
+the learner lags (send the line again after `s` seconds; nothing of it was accepted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgecl.learn.daemon import Backpressure, Daemon
+from edgecl.learn.journal import JournalError
+from edgecl.learn.schema import SampleError, json_records, parse_records
+
+log = logging.getLogger("edgecl.learn")
+
+
+def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
+    """Validate and journal one NDJSON line; the answer line's content."""
+    try:
+        records = json_records(line)
+        if len(records) == 1 and isinstance(records[0], dict) and set(records[0]) == {"end_task"}:
+            future = daemon.end_task(records[0]["end_task"])
+        else:
+            samples = parse_records(daemon.schema, records, daemon.cfg.learn.max_request_samples)
+            future = daemon.submit(samples)
+        appended = future.result()
+    except SampleError as e:
+        daemon.reject()
+        return {"error": str(e), "status": e.status}
+    except Backpressure as e:
+        return {"error": str(e), "status": 429, "retry_after": e.retry_after_s}
+    except JournalError as e:
+        return {"error": f"the journal cannot be written ({e}); nothing was accepted",
+                "status": 507, "retry_after": 5}
+    return {"first_seq": appended.first_seq, "count": appended.count}
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: SocketSource
+
+    def handle(self) -> None:
+        limit = self.server.max_line_bytes
+        while True:
+            line = self.rfile.readline(limit + 1)
+            if not line:
+                return
+            if len(line) > limit and not line.endswith(b"\n"):
+                self._reply({"error": f"line over {limit:,} bytes; connection closed",
+                             "status": 413})
+                return
+            if line.strip():
+                self._reply(answer(self.server.daemon, line))
+
+    def _reply(self, message: dict[str, Any]) -> None:
+        self.wfile.write(orjson.dumps(message) + b"\n")
+
+
+class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Serves NDJSON ingest on `path` (mode 0600: only the daemon's user may connect)."""
+
+    daemon_threads = True
+
+    def __init__(self, daemon: Daemon, path: Path) -> None:
+        self.daemon = daemon
+        self.path = path
+        self.max_line_bytes = int(daemon.cfg.learn.max_body_mb * (1 << 20))
+        if path.is_socket():  # a stale socket of an earlier run: the state dir lock is ours
+            path.unlink()
+        super().__init__(str(path), _Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            os.chmod(path, 0o600)  # before listen(): nobody can connect in between
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.2,),
+                                        name="edgecl-socket", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.shutdown()
+        self.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def connect(path: Path, timeout: float = 30.0) -> socket.socket:
+    """A client connection to a daemon's socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(str(path))
+    return sock

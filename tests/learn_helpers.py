@@ -1,0 +1,89 @@
+"""Helpers for the `edgecl learn` tests: a tiny stream config, samples, a daemon over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+
+from edgecl.config import Config, build_config
+from edgecl.learn.daemon import Daemon
+from edgecl.learn.http import IngestApp
+from edgecl.web import HTTPServer
+
+CLASSES = ["walk", "run", "sit"]
+SHAPE = (2, 3)  # [channels, steps]: a tiny sensor window
+
+
+def stream_config(method: str = "finetune", **learn: Any) -> Config:
+    """A tiny CPU learner on 2 x 3 windows, 3 classes, batches of 4, at most 3 tasks."""
+    return build_config({
+        "seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [16]},
+        "optimizer": {"name": "sgd", "lr": 0.1}, "memory": {"per_task": 8},
+        "method": {"name": method},
+        "stream": {"input_shape": list(SHAPE), "classes": CLASSES, "head": "shared",
+                   "max_tasks": 3, "batch_size": 4},
+        "learn": {"holdout": 0.2, **learn}})
+
+
+def task_samples(task: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable synthetic task: the label is where a task's template is brightest."""
+    rng = np.random.default_rng([seed, task])
+    templates = rng.random((len(CLASSES), *SHAPE)) > 0.5
+    y = rng.integers(0, len(CLASSES), n)
+    x = templates[y] + 0.05 * rng.random((n, *SHAPE))
+    return x.astype(np.float32), y
+
+
+def records(task: str, x: np.ndarray, y: np.ndarray) -> list[dict[str, Any]]:
+    return [{"task": task, "x": xi.tolist(), "y": int(yi)} for xi, yi in zip(x, y, strict=True)]
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon, token: str | None = None, start: bool = True
+            ) -> Iterator[HTTPServer]:
+    """The daemon (its learning thread unless `start` is False) behind its HTTP app."""
+    server = HTTPServer(IngestApp(daemon, token), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve)
+    thread.start()
+    if start:
+        daemon.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(10)
+        daemon.stop()
+
+
+def call(server: HTTPServer, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any, http.client.HTTPResponse]:
+    """One request on a fresh connection: (status, decoded JSON or raw text, response)."""
+    host, port = server.socket.getsockname()[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    payload = body if isinstance(body, bytes | None) else orjson.dumps(body)
+    conn.request(method, path, payload, {"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    try:
+        return response.status, orjson.loads(raw), response
+    except orjson.JSONDecodeError:
+        return response.status, raw.decode(), response
+
+
+def wait_learned(daemon: Daemon, n: int, timeout_s: float = 30.0) -> None:
+    """Until the daemon has consumed `n` samples and the journal, markers included."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if daemon.learning.learned >= n and daemon.lag() == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"learned {daemon.learning.learned} of {n} within {timeout_s} s "
+                         f"(lag {daemon.lag()})")

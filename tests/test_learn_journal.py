@@ -1,0 +1,156 @@
+"""The journal (durable, ordered, group-committed) and the journal -> learner loop."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from learn_helpers import SHAPE, stream_config, task_samples
+
+from edgecl.learn.journal import END, FLUSH, Journal
+from edgecl.learn.loop import Learning, held_out, replay
+from edgecl.learn.schema import SampleError, Samples, schema_for
+from edgecl.learners import LearnerSpec, build_learner
+
+CFG = stream_config()
+SCHEMA = schema_for(CFG)
+
+
+def samples(task: str, n: int, seed: int = 0) -> Samples:
+    x, y = task_samples(int(task[-1]) if task[-1].isdigit() else 0, n, seed)
+    return Samples([task] * n, x, y)
+
+
+def new_learner():
+    s = SCHEMA
+    return build_learner(LearnerSpec(CFG, s.input_shape, s.n_classes, s.head, s.max_tasks))
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "j.sqlite3", max_tasks=3)
+    yield j
+    j.close()
+
+
+def test_appends_get_consecutive_seqs_and_survive_reopening(tmp_path, journal):
+    a = journal.append(samples("t0", 3)).result()
+    m = journal.append_marker(END, "t0").result()
+    b = journal.append(samples("t1", 2)).result()
+    assert (a.first_seq, a.count, m.first_seq, b.first_seq, b.count) == (1, 3, 4, 5, 2)
+    journal.truncate(4)
+    journal.close()
+    again = Journal(tmp_path / "j.sqlite3", max_tasks=3)
+    try:
+        assert again.append(samples("t1", 1)).result().first_seq == 7  # never reused
+        got = again.read(0, 100)
+        assert [r.seq for r in got] == [5, 6, 7] and again.first_seq() == 5
+        assert again.accepted == {"t0": 3, "t1": 3}
+        expected = samples("t1", 2).x[1]
+        assert np.frombuffer(got[1].x, dtype="<f4").reshape(SHAPE).tolist() == expected.tolist()
+    finally:
+        again.close()
+
+
+def test_concurrent_appends_share_commits_and_keep_each_request_contiguous(journal):
+    acks = []
+
+    def client(i: int) -> None:
+        for _ in range(20):
+            acks.append((journal.append(samples(f"t{i}", 5)).result(), i))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_seq = {r.seq: r.task for r in journal.read(0, 1000)}
+    assert len(by_seq) == 300 and journal.last_seq == 300
+    for ack, i in acks:  # each request's samples are consecutive and all its own
+        assert [by_seq[s] for s in range(ack.first_seq, ack.first_seq + 5)] == [f"t{i}"] * 5
+
+
+def test_a_task_beyond_max_tasks_is_refused_and_nothing_of_the_request_is_journaled(journal):
+    for t in ("a0", "a1", "a2"):
+        journal.append(samples(t, 1)).result()
+    mixed = Samples(["a0", "a3"], samples("a0", 2).x, np.array([0, 1]))
+    with pytest.raises(SampleError, match="max_tasks=3") as e:
+        journal.append(mixed).result()
+    assert e.value.status == 409
+    assert journal.last_seq == 3 and journal.accepted == {"a0": 1, "a1": 1, "a2": 1}
+
+
+def fill(journal, plan):
+    """Journal a plan of ("samples", task, n) / ("end", task) / ("flush", task) steps."""
+    for step in plan:
+        if step[0] == "samples":
+            journal.append(samples(step[1], step[2], seed=journal.last_seq)).result()
+        else:
+            journal.append_marker(END if step[0] == "end" else FLUSH, step[1]).result()
+    return journal.read(0, 10_000)
+
+
+PLAN = [("samples", "t0", 23), ("samples", "t1", 2), ("samples", "t0", 9), ("flush", "t0"),
+        ("samples", "t0", 30), ("end", "t0"), ("samples", "t1", 41), ("end", "t1"),
+        ("samples", "t2", 17)]
+
+
+def test_batches_are_cut_by_journal_order_alone(journal):
+    records = fill(journal, PLAN)
+    learner = new_learner()
+    steps = []
+    learner.learn = lambda x, y, slot, real=learner.learn: steps.append(
+        (learner.task_ids[slot], len(y))) or real(x, y, slot)
+    learning = replay(learner, SCHEMA, CFG.learn, records)
+    train = [r for r in records if r.kind == 0 and not held_out(r.seq, CFG.learn.holdout)]
+    assert sum(n for _, n in steps) == learning.trained == len(train) - learning.pending_train
+    assert all(n <= SCHEMA.batch_size for _, n in steps)
+    # a full batch, or one that a task switch or a marker closed: never two tasks in one
+    order = [t for t, _ in steps]
+    assert order[0] == "t0" and "t1" in order and order[-1] == "t2"
+    assert learning.learned == sum(r.kind == 0 for r in records) - len(learning.pending)
+    assert learner.open_task == "t2" and set(learning.accuracy_learned) == {"t0", "t1"}
+    held = sum(r.kind == 0 and held_out(r.seq, CFG.learn.holdout) for r in records)
+    assert 0 < sum(learning.holdout.counts().values()) <= held
+
+
+def test_held_out_share_is_close_to_the_setting():
+    share = np.mean([held_out(s, 0.05) for s in range(1, 100_001)])
+    assert 0.045 < share < 0.055
+    assert not any(held_out(s, 0.0) for s in range(1, 1000))
+
+
+@pytest.mark.parametrize("method", ["finetune", "gem", "ewc", "lwf", "wsn"])
+def test_restore_and_replay_equals_an_uninterrupted_run(journal, method):
+    """Checkpoint at every batch boundary of a run, restore into a fresh learner, replay the
+    rest: the final state is the uninterrupted run's, bit for bit."""
+    cfg = stream_config(method)
+    s = schema_for(cfg)
+    spec = LearnerSpec(cfg, s.input_shape, s.n_classes, s.head, s.max_tasks)
+    records = fill(journal, PLAN)
+    reference = replay(build_learner(spec), s, cfg.learn, records)
+    for cut in (7, 40, 70, len(records) - 3):
+        first = replay(build_learner(spec), s, cfg.learn, records[:cut])
+        restored = build_learner(spec)
+        restored.load_state_dict(first.learner.state_dict())
+        resumed = Learning(restored, s, cfg.learn, first.state_dict())
+        for r in records[resumed.offset:]:  # seq == index + 1: the journal after the offset
+            resumed.take(r)
+        assert_same_state(reference.learner.state_dict(), resumed.learner.state_dict())
+        assert resumed.learned == reference.learned and resumed.offset == reference.offset
+        assert resumed.accuracy_now == reference.accuracy_now
+
+
+def assert_same_state(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

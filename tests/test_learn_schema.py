@@ -1,0 +1,108 @@
+"""Sample validation: what `edgecl learn` accepts, and the one-line reason for what it refuses."""
+
+import numpy as np
+import orjson
+import pytest
+from learn_helpers import CLASSES, SHAPE, stream_config
+
+from edgecl.config import ConfigError, build_config
+from edgecl.learn.schema import BINARY_TYPE, SampleError, parse_body, schema_for
+
+SCHEMA = schema_for(stream_config())
+
+
+def parse(obj, content_type="application/json", max_samples=100):
+    body = obj if isinstance(obj, bytes) else orjson.dumps(obj)
+    return parse_body(SCHEMA, body, content_type, max_samples)
+
+
+def refused(obj, content_type="application/json", max_samples=100) -> SampleError:
+    with pytest.raises(SampleError) as e:
+        parse(obj, content_type, max_samples)
+    return e.value
+
+
+def test_one_sample_flat_or_nested_index_or_class_name():
+    flat = parse({"task": "site-a", "x": [1, 2, 3, 4, 5, 6.5], "y": 2})
+    nested = parse({"task": "site-a", "x": [[1, 2, 3], [4, 5, 6.5]], "y": "sit"})
+    for s in (flat, nested):
+        assert s.tasks == ["site-a"]
+        assert s.x.dtype == np.float32 and s.x.shape == (1, *SHAPE)
+        assert s.x[0, 1, 2] == 6.5 and s.y.tolist() == [2]
+
+
+def test_a_batch_and_ndjson_keep_request_order():
+    samples = [{"task": f"t{i % 2}", "x": [i] * 6, "y": i % 3} for i in range(5)]
+    batch = parse({"samples": samples})
+    ndjson = parse(b"\n".join(orjson.dumps(s) for s in samples) + b"\n", "application/x-ndjson")
+    for s in (batch, ndjson):
+        assert s.tasks == ["t0", "t1", "t0", "t1", "t0"]
+        assert s.x[:, 0, 0].tolist() == [0, 1, 2, 3, 4] and s.y.tolist() == [0, 1, 2, 0, 1]
+
+
+@pytest.mark.parametrize(("sample", "words"), [
+    ({"task": "a", "x": [1] * 5, "y": 0}, ["sample.x", "6 numbers"]),
+    ({"task": "a", "x": [[1, 2], [3, 4], [5, 6]], "y": 0}, ["sample.x", "nesting"]),
+    ({"task": "a", "x": [True, 0.5, 1, 1, 1, 1], "y": 0}, ["sample.x", "bool"]),
+    ({"task": "a", "x": ["1", 0.5, 1, 1, 1, 1], "y": 0}, ["sample.x", "str"]),
+    ({"task": "a", "x": [None, 0.5, 1, 1, 1, 1], "y": 0}, ["sample.x", "NoneType"]),
+    ({"task": "a", "x": [1e39, 0, 0, 0, 0, 0], "y": 0}, ["x", "float32"]),
+    (b'{"task": "a", "x": [1' + b"0" * 60 + b', 0, 0, 0, 0, 0], "y": 0}', ["x", "float32"]),
+    ({"task": "a", "x": [0] * 6, "y": 3}, ["sample.y", "0..2"]),
+    ({"task": "a", "x": [0] * 6, "y": -1}, ["sample.y", "0..2"]),
+    ({"task": "a", "x": [0] * 6, "y": True}, ["sample.y", "label index"]),
+    ({"task": "a", "x": [0] * 6, "y": "swim"}, ["sample.y", "unknown class 'swim'", "walk"]),
+    ({"task": "../etc", "x": [0] * 6, "y": 0}, ["sample.task", "task id"]),
+    ({"task": "a", "x": [0] * 6, "y": 0, "ts": 1}, ["sample", "nothing else"]),
+    ({"samples": [{"task": "a", "x": [0] * 6, "y": 0}, {"task": "a", "x": [0] * 6, "y": 9}]},
+     ["samples[1].y"]),
+    ({"samples": []}, ["no samples"]),
+    ([1, 2], ["sample", "nothing else"]),
+])
+def test_bad_samples_name_the_field_and_the_problem(sample, words):
+    e = refused(sample)
+    assert e.status == 400
+    for word in words:
+        assert word in str(e)
+
+
+def test_nan_and_malformed_json_and_limits():
+    assert "malformed JSON" in str(refused(b'{"task": "a", "x": [NaN], "y": 0}'))
+    assert "infinity" in str(refused(b'{"task": "a", "x": [1e400, 0, 0, 0, 0, 0], "y": 0}'))
+    assert "empty body" in str(refused(b"  \n"))
+    too_many = {"samples": [{"task": "a", "x": [0] * 6, "y": 0}] * 3}
+    assert refused(too_many, max_samples=2).status == 413
+    assert refused({"task": "a"}, "text/csv").status == 415
+
+
+def binary(task="a", y=(0, 1), rows=None, dtype="float32", **extra):
+    rows = np.arange(len(y) * 6, dtype=np.float32) if rows is None else rows
+    header = orjson.dumps({"task": task, "y": list(y), "dtype": dtype, **extra})
+    return header + b"\n" + rows.astype("<f4" if dtype == "float32" else "u1").tobytes()
+
+
+def test_binary_form_float32_and_scaled_uint8():
+    s = parse(binary(y=(0, "run")), BINARY_TYPE)
+    assert s.x.shape == (2, *SHAPE) and s.x[1, 1, 2] == 11 and s.y.tolist() == [0, 1]
+    u = parse(binary(rows=np.full(6, 255), y=(2,), dtype="uint8", scale=1 / 255), BINARY_TYPE)
+    assert u.x.dtype == np.float32 and np.allclose(u.x, 1.0)
+
+
+def test_binary_form_refusals():
+    assert "need 48" in str(refused(binary(rows=np.zeros(11)), BINARY_TYPE))
+    assert "dtype" in str(refused(binary(dtype="float64"), BINARY_TYPE))
+    nan = np.zeros(12, dtype=np.float32)
+    nan[7] = np.nan
+    assert "samples[1].x" in str(refused(binary(rows=nan), BINARY_TYPE))
+    assert "newline" in str(refused(b'{"task": "a", "y": [0]}', BINARY_TYPE))
+    assert "y[1]" in str(refused(binary(y=(0, 7)), BINARY_TYPE))
+
+
+def test_schema_comes_from_the_benchmark_when_the_stream_section_is_absent():
+    schema = schema_for(build_config({"benchmark": {"name": "pmnist", "n_tasks": 3}}))
+    assert schema.input_shape == (1, 28, 28) and schema.classes == tuple("0123456789")
+    assert schema.head == "shared" and schema.max_tasks == 3 and schema.batch_size == 10
+    with pytest.raises(ConfigError, match="distinct"):
+        schema_for(build_config({"stream": {"input_shape": [2], "classes": ["a", "a"],
+                                            "head": "shared", "max_tasks": 2}}))
+    assert list(SCHEMA.classes) == CLASSES

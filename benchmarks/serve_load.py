@@ -50,7 +50,8 @@ THREADED_APP = """
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from edgecl.serve.protocol import RequestError, encode_response, parse_request
+from edgecl.serve.protocol import encode_response, parse_request
+from edgecl.web import RequestError
 from edgecl.serve.runtime import load_model
 
 model = load_model(Path(sys.argv[1]), ["CPUExecutionProvider"], threads=1)

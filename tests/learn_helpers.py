@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
 from edgecl.config import Config, build_config
 from edgecl.learn.daemon import Daemon
@@ -29,7 +30,7 @@ def stream_config(method: str = "finetune", **learn: Any) -> Config:
         "method": {"name": method},
         "stream": {"input_shape": list(SHAPE), "classes": CLASSES, "head": "shared",
                    "max_tasks": 3, "batch_size": 4},
-        "learn": {"holdout": 0.2, **learn}})
+        "learn": {"holdout": 0.2, "flush_idle_s": 0.3, **learn}})
 
 
 def task_samples(task: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +88,19 @@ def wait_learned(daemon: Daemon, n: int, timeout_s: float = 30.0) -> None:
         time.sleep(0.02)
     raise AssertionError(f"learned {daemon.learning.learned} of {n} within {timeout_s} s "
                          f"(lag {daemon.lag()})")
+
+
+def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    """Equal nested learner states: tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

@@ -4,8 +4,7 @@ import threading
 
 import numpy as np
 import pytest
-import torch
-from learn_helpers import SHAPE, stream_config, task_samples
+from learn_helpers import SHAPE, assert_same_state, stream_config, task_samples
 
 from edgecl.learn.journal import END, FLUSH, Journal
 from edgecl.learn.loop import Learning, held_out, replay
@@ -139,18 +138,3 @@ def test_restore_and_replay_equals_an_uninterrupted_run(journal, method):
         assert_same_state(reference.learner.state_dict(), resumed.learner.state_dict())
         assert resumed.learned == reference.learned and resumed.offset == reference.offset
         assert resumed.accuracy_now == reference.accuracy_now
-
-
-def assert_same_state(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where

@@ -1,0 +1,203 @@
+"""The `edgecl learn` daemon in-process: HTTP ingest and control, backpressure, auth, the state
+dir lock, checkpoints and their recovery, the unix socket."""
+
+import os
+import stat
+import time
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from learn_helpers import (
+    assert_same_state,
+    call,
+    records,
+    running,
+    stream_config,
+    task_samples,
+    wait_learned,
+)
+
+from edgecl.learn.daemon import Daemon, DaemonError
+from edgecl.learn.schema import BINARY_TYPE
+from edgecl.learn.unixsocket import SocketSource
+
+
+def post_task(server, task: str, n: int, index: int = 0):
+    x, y = task_samples(index, n)
+    return call(server, "POST", "/v1/samples", {"samples": records(task, x, y)})
+
+
+def test_samples_are_acknowledged_learned_and_shown_in_status(tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server:
+        status, ack, _ = post_task(server, "site-a", 60)
+        assert (status, ack) == (202, {"first_seq": 1, "count": 60})
+        x, y = task_samples(1, 40)
+        ndjson = b"\n".join(orjson.dumps(r) for r in records("site-b", x, y))
+        status, ack, _ = call(server, "POST", "/v1/samples", ndjson,
+                              {"Content-Type": "application/x-ndjson"})
+        assert (status, ack) == (202, {"first_seq": 61, "count": 40})
+        header = orjson.dumps({"task": "site-b", "y": ["walk", "run"]})
+        status, ack, _ = call(server, "POST", "/v1/samples",
+                              header + b"\n" + x[:2].astype("<f4").tobytes(),
+                              {"Content-Type": BINARY_TYPE})
+        assert (status, ack) == (202, {"first_seq": 101, "count": 2})
+        for task in ("site-a", "site-b"):
+            assert call(server, "POST", f"/v1/tasks/{task}/end")[0] == 202
+        wait_learned(daemon, 102)
+        status, s, _ = call(server, "GET", "/v1/status")
+        assert s["accepted"] == s["learned"] == 102 and s["journal"]["lag"] == 0
+        assert s["trained"] + sum(t["held_out"] for t in s["tasks"].values()) == 102
+        assert set(s["tasks"]) == {"site-a", "site-b"} and s["open_task"] is None
+        for t in s["tasks"].values():  # learned right after its task, still known now
+            assert t["accuracy_when_learned"] is not None and t["accuracy"] is not None
+        assert s["tasks"]["site-a"]["accuracy_when_learned"] > 0.5  # a learnable task
+        assert call(server, "GET", "/readyz")[0] == 200
+        status, text, _ = call(server, "GET", "/metrics")
+        assert status == 200 and "edgecl_learn_accepted_total 102.0" in text
+        assert 'edgecl_learn_task_accuracy{task="site-a"}' in text
+        assert call(server, "GET", "/openapi.json")[1]["paths"]["/v1/samples"]
+
+
+def test_a_bad_request_is_refused_whole_and_changes_nothing(tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server:
+        post_task(server, "site-a", 8)
+        wait_learned(daemon, 8)  # with the flush marker that closed the partial batch
+        seq = daemon.journal.last_seq
+        before = {k: v.clone() for k, v in daemon.learning.learner.net.state_dict().items()}
+        x, y = task_samples(0, 3)
+        bad = records("site-a", x, y)
+        bad[2]["x"][1][1] = True
+        status, body, _ = call(server, "POST", "/v1/samples", {"samples": bad})
+        assert status == 400 and "samples[2].x" in body["error"] and "bool" in body["error"]
+        assert call(server, "POST", "/v1/samples", b"{", {})[0] == 400
+        assert call(server, "POST", "/v1/tasks/nope/end")[0] == 404
+        for t in ("b", "c"):
+            assert post_task(server, t, 1)[0] == 202
+        status, body, _ = post_task(server, "d", 1)  # max_tasks is 3
+        assert status == 409 and "max_tasks" in body["error"]
+        time.sleep(0.2)
+        s = daemon.status()
+        assert s["accepted"] == 10 and s["rejected"] == 4 and daemon.journal.last_seq == seq + 2
+        after = daemon.learning.learner.net.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # b, c: 1 sample pending
+
+
+def test_backpressure_answers_429_with_retry_after_and_accepts_nothing(tmp_path):
+    daemon = Daemon(stream_config(max_lag=50), tmp_path / "state")
+    with running(daemon, start=False) as server:  # no learning thread: the lag only grows
+        assert post_task(server, "a", 51)[0] == 202
+        status, body, response = post_task(server, "a", 1)
+        assert status == 429 and response.getheader("Retry-After") == "1"
+        assert "behind" in body["error"] and daemon.journal.last_seq == 51
+        assert call(server, "GET", "/readyz")[0] == 503
+
+
+def test_a_token_guards_every_endpoint_but_liveness(tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon, token="s3cret") as server:
+        assert call(server, "GET", "/healthz")[0] == 200
+        for method, path in (("GET", "/v1/status"), ("GET", "/readyz"), ("GET", "/metrics"),
+                             ("GET", "/openapi.json"), ("POST", "/v1/samples"),
+                             ("POST", "/v1/checkpoint"), ("POST", "/v1/tasks/a/end")):
+            assert call(server, method, path)[0] == 401, path
+        ok = {"Authorization": "bearer s3cret"}
+        assert call(server, "GET", "/v1/status", headers=ok)[0] == 200
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path):
+    first = Daemon(stream_config(), tmp_path / "state")
+    try:
+        with pytest.raises(DaemonError, match="another edgecl learn"):
+            Daemon(stream_config(), tmp_path / "state")
+    finally:
+        first.stop()
+    Daemon(stream_config(), tmp_path / "state").stop()  # free again once stopped
+
+
+def test_a_state_dir_of_another_config_is_refused(tmp_path):
+    Daemon(stream_config("finetune"), tmp_path / "state").stop()
+    with pytest.raises(DaemonError, match="another config"):
+        Daemon(stream_config("ewc"), tmp_path / "state")
+
+
+def test_restart_restores_the_checkpoint_and_replays_the_journal(tmp_path):
+    cfg = stream_config(keep_checkpoints=2)
+    daemon = Daemon(cfg, tmp_path / "state")
+    with running(daemon) as server:
+        post_task(server, "a", 30)
+        wait_learned(daemon, 28)
+        assert call(server, "POST", "/v1/checkpoint")[0] == 200
+        post_task(server, "a", 30)
+        wait_learned(daemon, 58)
+    # stop() checkpointed; a partial batch stays in the journal, after the offset
+    again = Daemon(cfg, tmp_path / "state")
+    try:
+        assert again.learning.learned == daemon.learning.learned
+        assert_same_state(again.learning.learner.state_dict(),
+                          daemon.learning.learner.state_dict())
+        checkpoints = sorted(p.name for p in (tmp_path / "state" / "checkpoints").iterdir())
+        assert len(checkpoints) == 2  # keep_checkpoints
+        assert again.journal.first_seq() > 1  # truncated up to the oldest kept checkpoint
+    finally:
+        again.stop()
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
+    cfg = stream_config()
+    daemon = Daemon(cfg, tmp_path / "state")
+    with running(daemon) as server:
+        post_task(server, "a", 40)
+        wait_learned(daemon, 40)
+        assert call(server, "POST", "/v1/tasks/a/end")[0] == 202
+        wait_learned(daemon, 40)
+    expected = daemon.learning.learner.state_dict()
+    newest = sorted((tmp_path / "state" / "checkpoints").iterdir())[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    again = Daemon(cfg, tmp_path / "state")
+    try:
+        assert again.checkpoints.corrupt == 1
+        assert newest.with_name(newest.name + ".corrupt").exists()
+        assert again.status()["corrupt_checkpoints"] == 1
+        again.start()
+        wait_learned(again, 40)  # the older checkpoint + a longer replay: the same learner
+        assert_same_state(again.learning.learner.state_dict(), expected)
+    finally:
+        again.stop()
+
+
+def test_unix_socket_acks_each_line_and_is_private(tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    path = tmp_path / "ingest.sock"
+    source = SocketSource(daemon, path)
+    source.start()
+    daemon.start()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            reader = sock.makefile("rb")
+            x, y = task_samples(0, 3)
+            lines = [orjson.dumps(r) for r in records("a", x, y)]
+            lines.append(orjson.dumps({"samples": records("a", x, y)}))
+            lines.append(b'{"task": "a", "x": [1], "y": 0}')
+            lines.append(b'{"end_task": "a"}')
+            sock.sendall(b"\n".join(lines) + b"\n")
+            answers = [orjson.loads(reader.readline()) for _ in lines]
+        assert answers[:4] == [{"first_seq": 1, "count": 1}, {"first_seq": 2, "count": 1},
+                               {"first_seq": 3, "count": 1}, {"first_seq": 4, "count": 3}]
+        assert answers[4]["status"] == 400 and "sample.x" in answers[4]["error"]
+        assert answers[5] == {"first_seq": 7, "count": 1}
+        wait_learned(daemon, 6)
+        assert np.isclose(daemon.status()["accepted"], 6)
+    finally:
+        source.stop()
+        daemon.stop()
+    assert not path.exists()

@@ -1,0 +1,280 @@
+"""MQTT ingest against a real mosquitto broker (started here on a free loopback port)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgecl.config import build_config
+from edgecl.learn.daemon import Backpressure, Daemon
+from edgecl.learn.mqtt import MqttSource, parse_url
+from edgecl.learn.schema import BINARY_TYPE
+
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
+if MOSQUITTO is None and not os.environ.get("CI"):
+    pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI runs these tests",
+                allow_module_level=True)
+
+TIMEOUT_S = 15.0
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A mosquitto of our own; yields its mqtt:// URL."""
+    if MOSQUITTO is None:
+        pytest.fail("CI is set but mosquitto is not installed: .ci/run installs it")
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("mosquitto")
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"log_dest stderr\n")
+    with (tmp / "mosquitto.log").open("wb") as out:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, (tmp / "mosquitto.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mosquitto did not open its port"
+                time.sleep(0.05)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    cfg = build_config({"device": "cpu", "net": {"name": "mlp", "hidden": [16]},
+                        "method": {"name": "finetune"},
+                        "stream": {"input_shape": [4], "classes": ["a", "b", "c"],
+                                   "head": "shared", "max_tasks": 3, "batch_size": 5},
+                        "learn": {"holdout": 0.0}})
+    d = Daemon(cfg, tmp_path / "state")
+    d.start()
+    yield d
+    d.stop()
+
+
+class Client:
+    """A test-side paho client (MQTT 5) that publishes QoS 1 and collects what it subscribed."""
+
+    def __init__(self, url: str) -> None:
+        host, port = parse_url(url)
+        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda c, u, m: self.received.put(orjson.loads(m.payload))
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+        assert self._subscribed.wait(TIMEOUT_S)
+
+    def publish(self, topic: str, payload: bytes, content_type: str | None = None) -> None:
+        props = None
+        if content_type:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = content_type
+        info = self.client.publish(topic, payload, qos=1, properties=props)
+        info.wait_for_publish(TIMEOUT_S)  # the broker has it (PUBACK from the broker)
+        assert info.is_published()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def client(broker: str) -> Iterator[Client]:
+    c = Client(broker)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def source(request: pytest.FixtureRequest, daemon: Daemon, broker: str
+           ) -> Iterator[Callable[[], MqttSource]]:
+    """Starts MqttSources for this test's device, subscribed; stops them all at teardown."""
+    started: list[MqttSource] = []
+    device = request.node.name.replace("[", "-").replace("]", "")
+
+    def start() -> MqttSource:
+        s = MqttSource(daemon, broker, device)
+        s.start()
+        started.append(s)
+        assert s.subscribed.wait(TIMEOUT_S), "the source did not subscribe"
+        return s
+
+    start.device = device  # type: ignore[attr-defined]
+    yield start
+    for s in started:
+        s.stop()
+
+
+def sample(task: str = "t1", y: Any = 0, x: Any = None) -> dict[str, Any]:
+    return {"task": task, "x": [0.1, 0.2, 0.3, 0.4] if x is None else x, "y": y}
+
+
+def accepted(daemon: Daemon) -> int:
+    return daemon.status()["accepted"]
+
+
+def test_valid_samples_are_journaled_and_learned(daemon: Daemon, source: Any,
+                                                  client: Client) -> None:
+    source()
+    topic = f"edgecl/{source.device}/samples"
+    client.publish(topic, orjson.dumps(sample(y="b", x=[1, 2, 3, 4])))  # 1
+    client.publish(topic, orjson.dumps({"samples": [sample(y=i % 3) for i in range(4)]}))  # 4
+    client.publish(topic, b"\n".join(orjson.dumps(sample(y="c")) for _ in range(3)))  # 3
+    rows = np.arange(8, dtype="<f4").reshape(2, 4)
+    binary = orjson.dumps({"task": "t1", "y": [0, "a"]}) + b"\n" + rows.tobytes()
+    client.publish(topic, binary, content_type=BINARY_TYPE)  # 2
+    wait_for(lambda: accepted(daemon) == 10, "10 samples journaled")
+    wait_for(lambda: daemon.status()["learned"] == 10, "10 samples learned")
+    status = daemon.status()
+    assert status["rejected"] == 0
+    assert status["tasks"]["t1"]["accepted"] == 10
+    last = daemon.journal.read(daemon.journal.last_seq - 2, 2)
+    assert [np.frombuffer(r.x, "<f4").tolist() for r in last] == rows.tolist()
+
+
+def test_invalid_messages_are_rejected_and_reported(daemon: Daemon, source: Any,
+                                                    client: Client) -> None:
+    source()
+    topic = f"edgecl/{source.device}/samples"
+    client.subscribe(f"edgecl/{source.device}/rejected")
+    client.publish(topic, orjson.dumps(sample(x=[1, 2, 3])))  # wrong shape
+    client.publish(topic, orjson.dumps(sample(y="zebra")))  # unknown class
+    client.publish(topic, b"{not json")
+    for task in ("t1", "t2", "t3", "t4"):  # t4 is beyond max_tasks=3: refused at the journal
+        client.publish(topic, orjson.dumps(sample(task=task)))
+    reports = [client.received.get(timeout=TIMEOUT_S) for _ in range(4)]
+    assert [r["topic"] for r in reports] == [topic] * 4
+    assert all(isinstance(r["mid"], int) for r in reports)
+    assert "sample.x" in reports[0]["error"] and "4 numbers" in reports[0]["error"]
+    assert "sample.y" in reports[1]["error"] and "'zebra'" in reports[1]["error"]
+    assert "malformed JSON" in reports[2]["error"]
+    assert "max_tasks" in reports[3]["error"] and reports[3]["status"] == 409
+    wait_for(lambda: accepted(daemon) == 3, "the 3 valid samples journaled")
+    assert daemon.status()["rejected"] == 4
+    assert set(daemon.status()["tasks"]) == {"t1", "t2", "t3"}
+
+
+def test_rejected_messages_are_acked(daemon: Daemon, source: Any, client: Client) -> None:
+    first = source()
+    topic = f"edgecl/{source.device}/samples"
+    client.publish(topic, orjson.dumps(sample(y=7)))
+    wait_for(lambda: daemon.status()["rejected"] == 1, "the rejection")
+    first.stop()
+    source()  # a redelivery of the rejected message would come before the next one
+    client.publish(topic, orjson.dumps(sample()))
+    wait_for(lambda: accepted(daemon) == 1, "the valid sample")
+    assert daemon.status()["rejected"] == 1
+
+
+def test_messages_published_while_stopped_are_delivered(daemon: Daemon, source: Any,
+                                                        client: Client) -> None:
+    first = source()  # creates the persistent session and its subscription
+    topic = f"edgecl/{source.device}/samples"
+    client.publish(topic, orjson.dumps(sample()))
+    wait_for(lambda: accepted(daemon) == 1, "the first sample")
+    first.stop()
+    for i in range(9):
+        client.publish(topic, orjson.dumps(sample(y=i % 3)))
+    assert accepted(daemon) == 1
+    source()
+    wait_for(lambda: accepted(daemon) == 10, "the 9 samples published while stopped")
+    wait_for(lambda: daemon.status()["learned"] == 10, "10 samples learned")
+    client.publish(topic, orjson.dumps(sample()))  # after anything redelivered
+    wait_for(lambda: accepted(daemon) == 11, "a sample after the restart")
+
+
+def test_backpressure_holds_the_message_unacked(daemon: Daemon, source: Any, client: Client,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    checks = []
+
+    def lagging() -> None:
+        checks.append(time.monotonic())
+        raise Backpressure(99, 0.05)
+
+    monkeypatch.setattr(daemon, "check_backpressure", lagging)
+    first = source()
+    topic = f"edgecl/{source.device}/samples"
+    client.publish(topic, orjson.dumps({"samples": [sample() for _ in range(5)]}))
+    wait_for(lambda: len(checks) >= 3, "retries while the learner lags")
+    assert accepted(daemon) == 0
+    first.stop()  # gives up the message in hand, unacked
+    monkeypatch.undo()
+    source()
+    wait_for(lambda: accepted(daemon) == 5, "the redelivered message")
+    client.publish(topic, orjson.dumps(sample()))
+    wait_for(lambda: accepted(daemon) == 6, "the next message")
+
+
+def test_no_ack_before_the_journal_is_durable(daemon: Daemon, source: Any, client: Client,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    held: list[Future[Any]] = []
+
+    def never_durable(samples: Any) -> Future[Any]:
+        held.append(Future())
+        return held[-1]
+
+    monkeypatch.setattr(daemon, "submit", never_durable)
+    monkeypatch.setattr(MqttSource, "stop_grace_s", 0.1)
+    first = source()
+    topic = f"edgecl/{source.device}/samples"
+    client.publish(topic, orjson.dumps(sample()))
+    wait_for(lambda: len(held) == 1, "the journal write")
+    first.stop()
+    monkeypatch.undo()
+    source()
+    wait_for(lambda: accepted(daemon) == 1, "the redelivered message")
+    client.publish(topic, orjson.dumps(sample()))
+    wait_for(lambda: accepted(daemon) == 2, "the next message")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "127.0.0.1", "mqtt://", "mqtt://h:x",
+                                 "mqtt://h:1883/path"])
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="MQTT URL"):
+        parse_url(url)
+    assert parse_url("mqtt://broker") == ("broker", 1883)
+    assert parse_url("mqtt://broker:8883") == ("broker", 8883)

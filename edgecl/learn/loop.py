@@ -11,6 +11,7 @@ stopped. Nothing here knows about threads, files or HTTP.
 from __future__ import annotations
 
 import collections
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +91,7 @@ class Learning:
         self.accuracy_now: dict[str, float] = {}
         self.accuracy_learned: dict[str, float] = {}  # R[i, i]: right after task i was learned
         self.rows: dict[str, dict[str, float]] = {}  # R: row i, after task i's consolidation
+        self.applied = applied_digest([])  # every seq applied, in order, chained
         self.pending: list[Record] = []
         self.pending_task: str | None = None  # the task of the pending training samples
         self.pending_train = 0
@@ -108,6 +110,7 @@ class Learning:
             raise ValueError(f"record {record.seq} taken after {self.read_seq}: out of order")
         if record.kind != SAMPLE:
             self.close_batch(record.seq)
+            self.applied = applied_digest([record.seq], self.applied)
             if record.kind == END:
                 self.end(record.task)
             elif record.kind != FLUSH:
@@ -141,6 +144,7 @@ class Learning:
             self.learner.observe(x, torch.tensor([r.y for r in train]), task)
             self.trained += len(train)
         self.learned += len(batch)
+        self.applied = applied_digest([r.seq for r in batch], self.applied)
         if through_seq is not None or batch:
             self.offset = through_seq if through_seq is not None else batch[-1].seq
 
@@ -175,18 +179,27 @@ class Learning:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the learner (pending records are re-read)."""
         return {"offset": self.offset, "learned": self.learned, "trained": self.trained,
+                "applied": self.applied,
                 "holdout": self.holdout.state_dict(), "accuracy_now": dict(self.accuracy_now),
                 "accuracy_learned": dict(self.accuracy_learned),
                 "rows": {k: dict(v) for k, v in self.rows.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.offset, self.learned = state["offset"], state["learned"]
-        self.trained = state["trained"]
+        self.trained, self.applied = state["trained"], state["applied"]
         self.holdout.load_state_dict(state["holdout"])
         self.accuracy_now = dict(state["accuracy_now"])
         self.accuracy_learned = dict(state["accuracy_learned"])
         self.rows = {k: dict(v) for k, v in state["rows"].items()}
         self.pending, self.pending_task, self.pending_train = [], None, 0
+
+
+def applied_digest(seqs: list[int], previous: str = "") -> str:
+    """A sha256 chain over applied seqs: equal digests mean the same seqs, each once, in order."""
+    if not seqs:
+        return previous
+    data = previous.encode() + b",".join(str(s).encode() for s in seqs)
+    return hashlib.sha256(data).hexdigest()
 
 
 def replay(learner: Learner, schema: SampleSchema, cfg: LearnConfig,

@@ -1,0 +1,157 @@
+"""Acceptance: `edgecl learn` SIGKILLed at seeded random points while samples stream in over
+HTTP, restarted each time, learns every acknowledged sample exactly once: at the end
+`learned == accepted`, the chain of applied seqs is the journal's own, and the learner equals,
+bit for bit, an uninterrupted run over the same journal."""
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from learn_helpers import CLASSES, SHAPE, assert_same_state, task_samples
+
+from edgecl.config import load_config
+from edgecl.learn.client import LearnClient, LearnError
+from edgecl.learn.journal import Record
+from edgecl.learn.loop import replay
+from edgecl.learn.schema import schema_for
+from edgecl.learn.state import CheckpointStore
+from edgecl.learners import LearnerSpec, build_learner
+
+EDGECL = Path(sys.executable).parent / "edgecl"
+KILLS = 6
+SEED = 1234
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    def __init__(self, config, state, port):
+        self.args = [str(EDGECL), "learn", "--config", str(config),
+                     "--state-dir", str(state), "--port", str(port)]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = None
+        self.kills = 0
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.DEVNULL)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.kills += 1
+
+    def status(self):
+        with LearnClient(self.url) as client:
+            return client.status()
+
+    def restart_after(self, delay_s: float) -> threading.Thread:
+        """SIGKILL and start again `delay_s` from now, in a thread: requests go on meanwhile."""
+        def restart():
+            time.sleep(delay_s)
+            self.kill()
+            self.start()
+
+        thread = threading.Thread(target=restart)
+        thread.start()
+        return thread
+
+    def wait_up(self, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                return self.status()
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("daemon did not come up")
+
+
+def chunks(plan):
+    """(task, x, labels) chunks of 16 samples, None after each task's last: end the task."""
+    for task, index, n in plan:
+        x, y = task_samples(index, n, seed=SEED)
+        for i in range(0, n, 16):
+            yield task, x[i:i + 16], [CLASSES[k] for k in y[i:i + 16]]
+        yield task, None, None
+
+
+def send(daemon: DaemonProcess, task, x, labels):
+    """Send one chunk (or end the task) until acknowledged; a request that died with the
+    daemon is sent again once it is back (at least once: the journal may hold it twice)."""
+    while True:
+        try:
+            with LearnClient(daemon.url, batch=16) as client:
+                if x is None:
+                    client.end_task(task)
+                else:
+                    client.send_many(task, x, labels)
+            return
+        except (OSError, LearnError):
+            time.sleep(0.02)
+
+
+def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path):
+    config = tmp_path / "gem.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [32]},
+        "optimizer": {"name": "sgd", "lr": 0.1}, "memory": {"per_task": 16},
+        "method": {"name": "gem", "memory_strength": 0.5},
+        "stream": {"input_shape": list(SHAPE), "classes": CLASSES, "head": "shared",
+                   "max_tasks": 3, "batch_size": 5},
+        "learn": {"holdout": 0.1, "checkpoint_every": 40, "keep_checkpoints": 10_000,
+                  "flush_idle_s": 0.5}}))
+    daemon = DaemonProcess(config, tmp_path / "state", free_port())
+    daemon.start()
+    daemon.wait_up()
+    plan = list(chunks([("site-a", 0, 600), ("site-b", 1, 600), ("site-c", 2, 400)]))
+    rng = random.Random(SEED)
+    kill_after = set(rng.sample(range(len(plan)), KILLS))
+    killer = None
+    for i, chunk in enumerate(plan):
+        send(daemon, *chunk)
+        if i in kill_after:  # a few ms later: ingest, a step, a checkpoint or replay under way
+            if killer is not None:
+                killer.join()
+                daemon.wait_up()
+            killer = daemon.restart_after(rng.uniform(0.0, 0.05))
+    killer.join()
+    daemon.wait_up()
+    assert daemon.kills == KILLS
+    deadline = time.monotonic() + 60
+    while (s := daemon.status())["journal"]["lag"] or s["learned"] < s["accepted"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.1)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(60) == 0
+    assert s["learned"] == s["accepted"] >= 1600  # a resent chunk is journaled twice
+
+    db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
+    journal = [Record(*row) for row in db.execute("SELECT seq, kind, task, y, x FROM records "
+                                                  "ORDER BY seq")]
+    assert [r.seq for r in journal] == list(range(1, len(journal) + 1))  # nothing truncated
+    cfg = load_config(config)
+    schema = schema_for(cfg)
+    spec = LearnerSpec(cfg, schema.input_shape, schema.n_classes, schema.head, schema.max_tasks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the daemon learns: summation order depends on it
+    try:
+        uninterrupted = replay(build_learner(spec), schema, cfg.learn, journal)
+    finally:
+        torch.set_num_threads(threads)
+    final = CheckpointStore(tmp_path / "state" / "checkpoints", 10_000).restore("cpu")
+    state = final.meta["learning"]
+    assert state["learned"] == uninterrupted.learned == s["accepted"]
+    assert state["applied"] == uninterrupted.applied  # each seq once, in journal order
+    assert_same_state(final.learner.state_dict(), uninterrupted.learner.state_dict())

@@ -417,6 +417,49 @@ def replay(
                   f"({client.sent / seconds:,.0f}/s; {client.retries} retries after 429)")
 
 
+@app.command()
+def status(
+    to: Annotated[str, typer.Option(help="The daemon's URL.")] = "http://127.0.0.1:8765",
+    token_file: Annotated[Path | None, typer.Option(
+        help="Bearer token file (default: $EDGECL_LEARN_TOKEN if set).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print /v1/status as JSON.")] = False,
+) -> None:
+    """What a running `edgecl learn` knows: counts, lag, and each task's held-out accuracy."""
+    import os
+
+    from edgecl.learn.client import LearnClient, LearnError
+
+    token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
+    try:
+        with LearnClient(to, token) as client:
+            s = client.status()
+    except (LearnError, OSError, ValueError) as e:
+        fail(f"{to}: {e}", code=1)
+    if as_json:
+        print(json.dumps(s, indent=1))
+        return
+    Console().print(_status_table(s))
+
+
+def _status_table(s: dict[str, Any]) -> Table:
+    def pct(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    j = s["journal"]
+    table = Table(title=f"{s['method']} on {s['device']}: {s['accepted']:,} accepted, "
+                        f"{s['learned']:,} learned, {s['rejected']:,} rejected, lag {j['lag']:,}")
+    for col in ("task", "accepted", "held out", "acc. when learned", "acc. now", "forgetting",
+                "model version"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, t in s["tasks"].items():
+        then, now = t["accuracy_when_learned"], t["accuracy"]
+        forgetting = None if then is None or now is None else then - now
+        table.add_row(task + (" (open)" if task == s["open_task"] else ""), f"{t['accepted']:,}",
+                      f"{t['held_out']:,}", pct(then), pct(now), pct(forgetting),
+                      str(t["published_version"] or ""))
+    return table
+
+
 def _choose_tasks(all_tasks: tuple[Any, ...], spec: str | None) -> list[Any]:
     if spec is None:
         return list(all_tasks)
@@ -434,20 +477,25 @@ def _choose_tasks(all_tasks: tuple[Any, ...], spec: str | None) -> list[Any]:
 
 
 def _log_json_lines() -> None:
-    """One JSON object per log line on stderr: what journald and log shippers parse."""
+    """One JSON object per log line on stderr: what journald and log shippers parse. edgecl's
+    own loggers say INFO; libraries (the ONNX exporter's passes...) only warnings."""
     import logging
+    from datetime import datetime, timezone
 
     class JsonLines(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
-            line = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level":
-                    record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+            ts = datetime.fromtimestamp(record.created, timezone.utc)
+            line = {"ts": ts.isoformat(timespec="milliseconds"),
+                    "level": record.levelname.lower(), "logger": record.name,
+                    "msg": record.getMessage()}
             if record.exc_info:
                 line["exc"] = self.formatException(record.exc_info)
             return json.dumps(line)
 
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLines())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("edgecl").setLevel(logging.INFO)
 
 
 def _read_token(path: Path) -> str:

@@ -66,8 +66,11 @@ class LearnClient:
             self.flush()
 
     def send_many(self, task: str, x: Any, y: Any) -> None:
-        for xi, yi in zip(np.asarray(x, dtype=np.float32), list(y), strict=True):
-            self.send(task, xi, yi.item() if isinstance(yi, np.generic) else yi)
+        """Buffer a batch: `x` [n, *input_shape], `y` [n] label indices or class names (lists,
+        numpy arrays or tensors)."""
+        labels = y.tolist() if hasattr(y, "tolist") else list(y)
+        for xi, yi in zip(np.asarray(x, dtype=np.float32), labels, strict=True):
+            self.send(task, xi, yi)
 
     def flush(self) -> None:
         """Send what is buffered; returns once the daemon has made it durable."""

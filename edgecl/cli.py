@@ -376,8 +376,15 @@ def replay(
     end_tasks: Annotated[bool, typer.Option(
         help="End each task after its samples (the daemon consolidates and exports it).")
                          ] = True,
+    wait_s: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait for the daemon to be ready, and after the last sample "
+                    "for it to learn (and export) everything sent.")] = 120.0,
 ) -> None:
-    """Stream a benchmark's or a task file's training samples into a running `edgecl learn`."""
+    """Stream a benchmark's or a task file's training samples into a running `edgecl learn`.
+
+    Waits for the daemon to be ready, sends every chosen task's training samples in order
+    (ending each task), then waits until the daemon has learned them all.
+    """
     import os
     import time
 
@@ -393,6 +400,10 @@ def replay(
     except (BenchmarkError, ValueError) as e:
         fail(str(e))
     total = sum(len(t.y_train) for t in chosen)
+    try:
+        client.wait_ready(wait_s)
+    except (LearnError, OSError) as e:
+        fail(f"{to}: not ready after {wait_s:g} s ({e})", code=1)
     t0 = time.perf_counter()
     with client, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeRemainingColumn(), console=console) as bar:
@@ -410,11 +421,13 @@ def replay(
                         time.sleep(max(0.0, sent / rate - (time.perf_counter() - t0)))
                 if end_tasks:
                     client.end_task(task.name)
-        except (LearnError, OSError) as e:
+            seconds = time.perf_counter() - t0
+            console.print(f"sent {client.sent:,} samples of {len(chosen)} task(s) in "
+                          f"{seconds:.1f} s ({client.sent / seconds:,.0f}/s; {client.retries} "
+                          "retries after 429); waiting for the daemon to learn them")
+            client.wait_learned(wait_s)
+        except (LearnError, OSError) as e:  # TimeoutError is an OSError
             fail(f"after {client.sent:,} acknowledged samples: {e}", code=1)
-    seconds = time.perf_counter() - t0
-    console.print(f"sent {client.sent:,} samples of {len(chosen)} task(s) in {seconds:.1f} s "
-                  f"({client.sent / seconds:,.0f}/s; {client.retries} retries after 429)")
 
 
 @app.command()

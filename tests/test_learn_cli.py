@@ -69,8 +69,9 @@ def test_replay_and_status_say_when_no_daemon_answers(tmp_path):
         url = f"http://127.0.0.1:{s.getsockname()[1]}"  # nobody listens once closed
     r = cli("status", "--to", url)
     assert r.exit_code == 1 and "refused" in r.output.lower()
-    r = cli("replay", "pmnist", "--samples-per-task", "5", "--tasks", "0", "--to", url)
-    assert r.exit_code == 1 and "after 0 acknowledged samples" in r.output
+    r = cli("replay", "pmnist", "--samples-per-task", "5", "--tasks", "0", "--to", url,
+            "--wait-s", "0.5")
+    assert r.exit_code == 1 and "not ready after 0.5 s" in r.output
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

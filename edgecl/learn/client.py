@@ -98,6 +98,32 @@ class LearnClient:
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/v1/status")
 
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until the daemon answers /readyz with 200 (it may still be starting)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._request("GET", "/readyz")
+                return
+            except (OSError, LearnError):
+                self._conn.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def wait_learned(self, timeout_s: float) -> dict[str, Any]:
+        """Until everything journaled is learned and every export queued is done; the status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.status()
+            publishing = s["publish"]["queued"] if s["publish"] else 0
+            if s["journal"]["lag"] == 0 and not publishing:
+                return s
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still {s['journal']['lag']:,} records to learn and "
+                                   f"{publishing} exports after {timeout_s:g} s")
+            time.sleep(0.2)
+
     def checkpoint(self) -> dict[str, Any]:
         return self._request("POST", "/v1/checkpoint")
 

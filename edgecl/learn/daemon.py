@@ -282,6 +282,7 @@ class Publisher:
         self.published: dict[str, int] = {}
         self.failed = 0
         self.last_error: str | None = None
+        self._exporting = 0  # jobs taken off the queue and not yet done
         self._jobs: queue.Queue[tuple[str, torch.nn.Module, torch.Tensor, str] | None] = \
             queue.Queue(maxsize=spec.max_tasks)
         self._thread = threading.Thread(target=self._run, name="edgecl-publish", daemon=True)
@@ -296,29 +297,36 @@ class Publisher:
                         self._jobs.qsize())
 
     def _run(self) -> None:
-        from edgecl.export import ExportError, export_module
-
         while (job := self._jobs.get()) is not None:
-            task, module, real, source = job
-            buffer = io.BytesIO()
-            torch.save(module.state_dict(), buffer)
-            note = (f"{len(real)} held-out samples of the stream" if len(real)
-                    else "random inputs only: no held-out samples of this task yet")
+            self._exporting = 1
             try:
-                manifest = export_module(module, self.repo, task, self.spec, self.classes,
-                                         real if len(real) else None, note, source,
-                                         sha256_of(buffer.getvalue()))
-            except (ExportError, OSError, ValueError) as e:
-                self.failed += 1
-                self.last_error = str(e)
-                log.error("export of %s failed: %s", task, e)
-                continue
-            self.published[task] = manifest.version
-            log.info("published %s version %d", task, manifest.version)
+                self._export(*job)
+            finally:
+                self._exporting = 0
+
+    def _export(self, task: str, module: torch.nn.Module, real: torch.Tensor, source: str
+                ) -> None:
+        from edgecl.export import ExportError, export_module  # onnx loads on first export
+
+        buffer = io.BytesIO()
+        torch.save(module.state_dict(), buffer)
+        note = (f"{len(real)} held-out samples of the stream" if len(real)
+                else "random inputs only: no held-out samples of this task yet")
+        try:
+            manifest = export_module(module, self.repo, task, self.spec, self.classes,
+                                     real if len(real) else None, note, source,
+                                     sha256_of(buffer.getvalue()))
+        except (ExportError, OSError, ValueError) as e:
+            self.failed += 1
+            self.last_error = str(e)
+            log.error("export of %s failed: %s", task, e)
+            return
+        self.published[task] = manifest.version
+        log.info("published %s version %d", task, manifest.version)
 
     def status(self) -> dict[str, Any]:
-        return {"repo": str(self.repo), "queued": self._jobs.qsize(), "failed": self.failed,
-                "last_error": self.last_error}
+        return {"repo": str(self.repo), "queued": self._jobs.qsize() + self._exporting,
+                "failed": self.failed, "last_error": self.last_error}
 
     def close(self) -> None:
         """Finish the queued exports."""

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 
 from edgecl.config import build_config
@@ -47,3 +54,41 @@ def train(learner: Learner, task: int, **batches: Any) -> None:
                              **batches):
         learner.observe(x, y, f"t{task}")
     learner.end_task(f"t{task}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real mosquitto broker of our own on a free loopback port; yields its mqtt:// URL.
+    Skipped where mosquitto is not installed, except in CI, which must run it."""
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI is set but mosquitto is not installed: .ci/run installs it")
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI runs this")
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("mosquitto")
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "log_dest stderr\n")
+    with (tmp / "mosquitto.log").open("wb") as out:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, (tmp / "mosquitto.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mosquitto did not open its port"
+                time.sleep(0.05)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

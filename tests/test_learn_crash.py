@@ -1,7 +1,8 @@
-"""Acceptance: `edgecl learn` SIGKILLed at seeded random points while samples stream in over
-HTTP, restarted each time, learns every acknowledged sample exactly once: at the end
-`learned == accepted`, the chain of applied seqs is the journal's own, and the learner equals,
-bit for bit, an uninterrupted run over the same journal."""
+"""Acceptance: `edgecl learn` SIGKILLed at seeded random points while samples stream in (two
+tasks over HTTP, one over MQTT through a real mosquitto), restarted each time, learns every
+acknowledged sample exactly once: at the end `learned == accepted`, the chain of applied seqs is
+the journal's own, and the learner equals, bit for bit, an uninterrupted run over the same
+journal."""
 
 import random
 import signal
@@ -12,9 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import torch
 import yaml
+from conftest import free_port
 from learn_helpers import CLASSES, SHAPE, assert_same_state, task_samples
+from test_learn_mqtt import Client
 
 from edgecl.config import load_config
 from edgecl.learn.client import LearnClient, LearnError
@@ -29,18 +33,10 @@ KILLS = 6
 SEED = 1234
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DaemonProcess:
-    def __init__(self, config, state, port):
-        self.args = [str(EDGECL), "learn", "--config", str(config),
-                     "--state-dir", str(state), "--port", str(port)]
+    def __init__(self, config, state, port, mqtt_url):
+        self.args = [str(EDGECL), "learn", "--config", str(config), "--state-dir", str(state),
+                     "--port", str(port), "--mqtt", mqtt_url, "--device", "crash"]
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
         self.kills = 0
@@ -79,21 +75,30 @@ class DaemonProcess:
 
 
 def chunks(plan):
-    """(task, x, labels) chunks of 16 samples, None after each task's last: end the task."""
-    for task, index, n in plan:
+    """(how, task, x, labels) chunks of 16 samples; (how, task, None, n) after each task's
+    last: end the task once its n samples are in."""
+    for how, task, index, n in plan:
         x, y = task_samples(index, n, seed=SEED)
         for i in range(0, n, 16):
-            yield task, x[i:i + 16], [CLASSES[k] for k in y[i:i + 16]]
-        yield task, None, None
+            yield how, task, x[i:i + 16], [CLASSES[k] for k in y[i:i + 16]]
+        yield how, task, None, n
 
 
-def send(daemon: DaemonProcess, task, x, labels):
-    """Send one chunk (or end the task) until acknowledged; a request that died with the
-    daemon is sent again once it is back (at least once: the journal may hold it twice)."""
+def send(daemon: DaemonProcess, mqtt_client: Client, how, task, x, labels):
+    """One chunk, or the end of a task. Over HTTP until acknowledged: a request that died with
+    the daemon is sent again once it is back (at least once: the journal may hold it twice).
+    Over MQTT the broker holds it for the daemon's session; the end waits for every sample."""
+    if x is not None and how == "mqtt":
+        body = {"samples": [{"task": task, "x": xi.ravel().tolist(), "y": yi}
+                            for xi, yi in zip(x, labels, strict=True)]}
+        mqtt_client.publish("edgecl/crash/samples", orjson.dumps(body))
+        return
     while True:
         try:
             with LearnClient(daemon.url, batch=16) as client:
                 if x is None:
+                    while client.status()["tasks"].get(task, {}).get("accepted", 0) < labels:
+                        time.sleep(0.05)  # MQTT: the broker may still hold some
                     client.end_task(task)
                 else:
                     client.send_many(task, x, labels)
@@ -102,7 +107,7 @@ def send(daemon: DaemonProcess, task, x, labels):
             time.sleep(0.02)
 
 
-def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path):
+def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, broker):
     config = tmp_path / "gem.yaml"
     config.write_text(yaml.safe_dump({
         "seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [32]},
@@ -112,21 +117,24 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path):
                    "max_tasks": 3, "batch_size": 5},
         "learn": {"holdout": 0.1, "checkpoint_every": 40, "keep_checkpoints": 10_000,
                   "flush_idle_s": 0.5}}))
-    daemon = DaemonProcess(config, tmp_path / "state", free_port())
+    daemon = DaemonProcess(config, tmp_path / "state", free_port(), broker)
     daemon.start()
     daemon.wait_up()
-    plan = list(chunks([("site-a", 0, 600), ("site-b", 1, 600), ("site-c", 2, 400)]))
+    mqtt_client = Client(broker)
+    plan = list(chunks([("http", "site-a", 0, 600), ("http", "site-b", 1, 600),
+                        ("mqtt", "site-c", 2, 400)]))
     rng = random.Random(SEED)
     kill_after = set(rng.sample(range(len(plan)), KILLS))
     killer = None
     for i, chunk in enumerate(plan):
-        send(daemon, *chunk)
+        send(daemon, mqtt_client, *chunk)
         if i in kill_after:  # a few ms later: ingest, a step, a checkpoint or replay under way
             if killer is not None:
                 killer.join()
                 daemon.wait_up()
             killer = daemon.restart_after(rng.uniform(0.0, 0.05))
     killer.join()
+    mqtt_client.close()
     daemon.wait_up()
     assert daemon.kills == KILLS
     deadline = time.monotonic() + 60

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
-import socket
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,11 +25,6 @@ from edgecl.learn.daemon import Backpressure, Daemon
 from edgecl.learn.mqtt import MqttSource, parse_url
 from edgecl.learn.schema import BINARY_TYPE
 
-MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
-if MOSQUITTO is None and not os.environ.get("CI"):
-    pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI runs these tests",
-                allow_module_level=True)
-
 TIMEOUT_S = 15.0
 
 
@@ -43,41 +34,6 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A mosquitto of our own; yields its mqtt:// URL."""
-    if MOSQUITTO is None:
-        pytest.fail("CI is set but mosquitto is not installed: .ci/run installs it")
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("mosquitto")
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"log_dest stderr\n")
-    with (tmp / "mosquitto.log").open("wb") as out:
-        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, (tmp / "mosquitto.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mosquitto did not open its port"
-                time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -226,6 +226,7 @@ def serve(
     import signal
     import threading
 
+    from edgecl import systemd
     from edgecl.serve import TOKEN_ENV, ListenError, create_server
 
     if not repo.is_dir():
@@ -250,8 +251,8 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     serving = threading.Thread(target=server.run, args=(poll_s,), name="edgecl-serve")
     serving.start()
-    while serving.is_alive() and not stop.wait(0.5):
-        pass
+    _supervise(stop, serving.is_alive, lambda: server.started)
+    systemd.notify("STOPPING=1")
     server.shutdown()  # finishes the requests in flight
     serving.join()
 
@@ -300,6 +301,7 @@ def learn(
 
     import torch
 
+    from edgecl import systemd
     from edgecl.learn.daemon import Daemon, DaemonError
     from edgecl.learn.http import IngestApp
     from edgecl.learn.unixsocket import SocketSource
@@ -346,13 +348,32 @@ def learn(
         signal.signal(sig, lambda *_: stop.set())
     serving = threading.Thread(target=server.serve, name="edgecl-http")
     serving.start()
-    while serving.is_alive() and not stop.wait(0.5):
-        pass
+    _supervise(stop, lambda: serving.is_alive() and daemon.alive, lambda: daemon.ready)
+    systemd.notify("STOPPING=1")
     server.shutdown()  # finishes the requests in flight
     serving.join()
     for source in sources:
         source.stop()
     daemon.stop()  # finishes the current step, checkpoints
+    if not stop.is_set():
+        fail("the learning thread stopped; see the log", code=1)
+
+
+def _supervise(stop: Any, alive: Any, ready: Any) -> None:
+    """Until `stop` is set or `alive()` turns false: tell systemd READY=1 once `ready()`, and
+    pet its watchdog (if one is set) while `alive()`."""
+    import time
+
+    from edgecl import systemd
+
+    watchdog_s = systemd.watchdog_interval_s()
+    said_ready, last_pet = False, 0.0
+    while alive() and not stop.wait(0.2):
+        if not said_ready and ready():
+            said_ready = systemd.notify("READY=1") or True
+        if watchdog_s and time.monotonic() - last_pet >= watchdog_s:
+            systemd.notify("WATCHDOG=1")
+            last_pet = time.monotonic()
 
 
 @app.command()

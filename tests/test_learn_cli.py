@@ -93,3 +93,26 @@ def test_a_signal_checkpoints_and_exits_0(tmp_path, sig):
     assert proc.wait(60) == 0
     newest = CheckpointStore(tmp_path / "state" / "checkpoints", 10).paths()[-1]
     assert 20 <= int(newest.name.split("-")[1]) < 25  # the shutdown checkpoint, after 2 batches
+
+
+def test_systemd_hears_ready_once_the_daemon_is_ready(tmp_path):
+    """Type=notify: READY=1 on $NOTIFY_SOCKET once restore and replay are done, STOPPING=1 at
+    SIGTERM."""
+    import os
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(60)
+        proc = subprocess.Popen([str(EDGECL), "learn", "--config", "models/finetune.yaml",
+                                 "--state-dir", str(tmp_path / "state"), "--port", "0"],
+                                env={**os.environ, "NOTIFY_SOCKET": str(path)},
+                                stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+        try:
+            assert sock.recv(100) == b"READY=1"
+            proc.send_signal(signal.SIGTERM)
+            assert sock.recv(100) == b"STOPPING=1"
+            assert proc.wait(60) == 0
+        finally:
+            proc.kill()

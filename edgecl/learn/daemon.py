@@ -130,6 +130,11 @@ class Daemon:
             self._lock_fd = -1
 
     @property
+    def alive(self) -> bool:
+        """The learning thread runs (it stops only on stop() or an error it logged)."""
+        return self._thread.is_alive()
+
+    @property
     def ready(self) -> bool:
         """Restore and replay of the journal found at start are done."""
         return self._thread.is_alive() and self.learning.read_seq >= self.replay_target
@@ -183,6 +188,12 @@ class Daemon:
 
     # --- the learning thread ---------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._learn()
+        except Exception:  # the thread ends; the process sees `alive` false and exits 1
+            log.exception("the learning thread stopped at journal seq %d", self.learning.read_seq)
+
+    def _learn(self) -> None:
         cfg = self.cfg.learn
         last_checkpoint_s, last_checkpoint_learned = time.monotonic(), self.learning.learned
         last_record_s, flushed_at = time.monotonic(), -1

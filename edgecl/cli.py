@@ -25,9 +25,21 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def use_threads(n: int) -> None:
+    """torch's CPU threads for this process: `n` intra-op, 1 inter-op."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # settable only before torch's first parallel work
+        torch.set_num_interop_threads(1)
+
+
 def _bench_overrides(benchmark: str | None, method: str | None, tasks: int | None,
                      samples_per_task: int | None, batch_size: int | None, seed: int | None,
-                     data_dir: Path | None, device: str | None) -> dict[str, Any]:
+                     data_dir: Path | None, device: str | None,
+                     threads: int | None) -> dict[str, Any]:
     bench = {"name": benchmark, "n_tasks": tasks, "samples_per_task": samples_per_task,
              "batch_size": batch_size, "data_dir": str(data_dir) if data_dir else None}
     out: dict[str, Any] = {"benchmark": {k: v for k, v in bench.items() if v is not None}}
@@ -35,6 +47,8 @@ def _bench_overrides(benchmark: str | None, method: str | None, tasks: int | Non
         out["seed"] = seed
     if device is not None:
         out["device"] = device
+    if threads is not None:
+        out["threads"] = threads
     if method is not None:
         out["method"] = {"name": method}
     return out
@@ -83,6 +97,9 @@ def bench(
         help="auto | cpu | cuda (default: the config's, else auto).")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Output folder (default: runs/<benchmark>-<method>-s<seed>).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch CPU threads (default: the config's, else 1: measured fastest for "
+                    "these small nets, and safe on a busy machine).")] = None,
 ) -> None:
     """Run the GEM benchmark protocol: one pass over every task, accuracy matrix R, ACC/BWT/FWT.
 
@@ -93,7 +110,7 @@ def bench(
     from edgecl.data import BenchmarkError
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
-                                 data_dir, device)
+                                 data_dir, device, threads)
     try:
         configs = _configs_for(config, overrides)
         data = load_config_benchmark(configs[0])
@@ -101,6 +118,7 @@ def bench(
             learner_spec(cfg, data)  # max_tasks against the benchmark, before any training
     except (ConfigError, BenchmarkError) as e:
         fail(str(e))
+    use_threads(configs[0].threads)
     many = len(configs) > 1
     name = method if many else configs[0].method.name
     slug = data.name.replace(":", "_").replace("/", "_")
@@ -282,9 +300,9 @@ def learn(
     token_file: Annotated[Path | None, typer.Option(
         help="File holding the bearer token clients must send (default: $EDGECL_LEARN_TOKEN "
              "if set, else none).")] = None,
-    threads: Annotated[int, typer.Option(
-        min=1, help="torch threads for learning (1: the other cores stay free for ingest, "
-                    "serve and the sensor process).")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch CPU threads for learning (default: the config's, else 1: the other "
+                    "cores stay free for ingest, serve and the sensor process).")] = None,
 ) -> None:
     """Learn from a live sample stream, in one pass, forgetting nothing; survive crashes.
 
@@ -298,8 +316,6 @@ def learn(
     import os
     import signal
     import threading
-
-    import torch
 
     from edgecl import systemd
     from edgecl.learn.daemon import Daemon, DaemonError
@@ -317,8 +333,7 @@ def learn(
     except ConfigError as e:
         fail(str(e))
     _log_json_lines()
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)
+    use_threads(threads or cfg.threads)
     try:
         daemon = Daemon(cfg, state_dir, repo)
     except (ConfigError, DaemonError) as e:

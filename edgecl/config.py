@@ -113,6 +113,9 @@ class MethodConfig(BaseModel):
 class Config(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch's CPU threads (intra-op; inter-op is 1). Not torch's default of one per core: on a
+    # device the learner shares the cores with ingest, serve and the sensor process.
+    threads: PositiveInt = 1
     head: Literal["auto", "shared", "per_task"] = "auto"
     max_tasks: PositiveInt | None = None
     benchmark: BenchmarkConfig = BenchmarkConfig()

@@ -116,6 +116,9 @@ class Config(_Strict):
     # torch's CPU threads (intra-op; inter-op is 1). Not torch's default of one per core: on a
     # device the learner shares the cores with ingest, serve and the sensor process.
     threads: PositiveInt = 1
+    # "channel": the model standardises each input channel itself, with statistics fitted from
+    # the stream's first task (edgecl.nets.norm), so it takes raw sensor values.
+    normalize: Literal["none", "channel"] = "none"
     head: Literal["auto", "shared", "per_task"] = "auto"
     max_tasks: PositiveInt | None = None
     benchmark: BenchmarkConfig = BenchmarkConfig()

@@ -32,6 +32,7 @@ from edgecl.bench import load_config_benchmark
 from edgecl.checkpoint import checkpoint_bytes, load_learner
 from edgecl.data import BenchmarkError, TaskData
 from edgecl.learners import LearnerSpec
+from edgecl.nets.norm import InputNorm
 from edgecl.serve.repository import (
     Manifest,
     Probe,
@@ -105,6 +106,12 @@ def compare(session: ort.InferenceSession, module: nn.Module, batches: list[torc
     return diff, mismatches
 
 
+def normalisation(module: nn.Module) -> str:
+    """What the model expects of its inputs: raw values when it standardises them itself."""
+    norms = [m for m in module.modules() if isinstance(m, InputNorm)]
+    return norms[0].describe() if norms else NORMALISATION
+
+
 def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
                   classes: list[str], real: torch.Tensor | None, real_note: str,
                   source: str, source_sha256: str) -> Manifest:
@@ -122,7 +129,7 @@ def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
         "input": TensorSpec(name=INPUT_NAME, shape=[-1, *spec.input_shape]),
         "output": TensorSpec(name=OUTPUT_NAME, shape=[-1, spec.n_classes]),
         "classes": classes,
-        "normalisation": NORMALISATION,
+        "normalisation": normalisation(module),
         "input_range": None if real is None else [float(real.min()), float(real.max())],
         "method": spec.config.method.name, "head": spec.head,
         "source_checkpoint": source, "source_sha256": source_sha256,

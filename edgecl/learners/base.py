@@ -21,6 +21,7 @@ from torch import nn
 from edgecl.config import Config, OptimizerConfig, build_config
 from edgecl.memory import EpisodicMemory
 from edgecl.nets import build_task_net
+from edgecl.nets.norm import InputNorm
 
 HeadMode = Literal["shared", "per_task"]
 
@@ -136,6 +137,8 @@ class Learner(ABC):
             torch.manual_seed(cfg.seed)
             self.net = self.build_net().to(self.device)
         self.optimizer = self.build_optimizer()
+        self.input_norms = [m for m in self.net.modules() if isinstance(m, InputNorm)]
+        self.fitting_norms = list(self.input_norms)  # those still fitting: until a task ends
         self.memory = (
             EpisodicMemory(spec.input_shape, cfg.memory.per_task, spec.max_tasks,
                            cfg.memory.budget_bytes, cfg.memory.dtype, self.device)
@@ -147,7 +150,8 @@ class Learner(ABC):
         """A module with `forward(x, slot)` and `task_module(slot)`; default: `TaskNet`."""
         s = self.spec
         n_heads = s.max_tasks if s.head == "per_task" else 1
-        return build_task_net(s.config.net, s.input_shape, s.n_classes, n_heads)
+        return build_task_net(s.config.net, s.input_shape, s.n_classes, n_heads,
+                              normalize=s.config.normalize)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return make_optimizer(self.net.parameters(), self.spec.config.optimizer)
@@ -218,6 +222,8 @@ class Learner(ABC):
             self.begin_task(self.register_task(task))
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        for norm in self.fitting_norms:
+            norm.update(x)
         return self.learn(x, y, self.slot(task))
 
     def end_task(self, task: str) -> None:
@@ -225,6 +231,9 @@ class Learner(ABC):
         alone, an unknown id raises KeyError."""
         slot = self.slot(task)
         if task == self.open_task:
+            for norm in self.fitting_norms:  # the first task fixes the input statistics
+                norm.freeze()
+            self.fitting_norms = []
             self.consolidate(slot)
             self.open_task = None
 
@@ -259,6 +268,7 @@ class Learner(ABC):
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.net.load_state_dict(d["net"])
+        self.fitting_norms = [n for n in self.input_norms if not n.frozen]
         self.optimizer.load_state_dict(d["optimizer"])
         self.task_ids = list(d["task_ids"])
         self.open_task = d["open_task"]

@@ -44,7 +44,8 @@ class Independent(Learner):
     def build_net(self) -> nn.Module:
         s = self.spec
         scale = self.params.width_scale or 1.0 / s.max_tasks
-        return TaskNets([build_task_net(s.config.net, s.input_shape, s.n_classes, 1, scale)
+        return TaskNets([build_task_net(s.config.net, s.input_shape, s.n_classes, 1, scale,
+                                        s.config.normalize)
                          for _ in range(s.max_tasks)])
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -70,7 +70,7 @@ class WSN(Learner):
 
     def build_net(self) -> nn.Module:
         s = self.spec
-        body, features = build_body(s.config.net, s.input_shape)
+        body, features = build_body(s.config.net, s.input_shape, normalize=s.config.normalize)
         return MaskedTaskNet(body, features, s.n_classes, n_heads=s.max_tasks,
                              capacity=self.params.capacity, n_tasks=s.max_tasks)
 

@@ -8,6 +8,7 @@ from torch import nn
 from edgecl.config import Conv1dConfig, MLPConfig, NetConfig, ResNetConfig
 from edgecl.nets.conv1d import conv1d
 from edgecl.nets.mlp import mlp
+from edgecl.nets.norm import InputNorm
 from edgecl.nets.resnet import resnet18
 
 
@@ -15,9 +16,18 @@ def _scaled(width: int, scale: float) -> int:
     return max(1, round(width * scale))
 
 
-def build_body(cfg: NetConfig, input_shape: tuple[int, ...], width_scale: float = 1.0
-               ) -> tuple[nn.Module, int]:
-    """The feature extractor named by `cfg` and its output width; `width_scale` shrinks it."""
+def build_body(cfg: NetConfig, input_shape: tuple[int, ...], width_scale: float = 1.0,
+               normalize: str = "none") -> tuple[nn.Module, int]:
+    """The feature extractor named by `cfg` and its output width; `width_scale` shrinks it;
+    `normalize="channel"` puts an `InputNorm` in front."""
+    body, features = _backbone(cfg, input_shape, width_scale)
+    if normalize == "channel":
+        body = nn.Sequential(InputNorm(input_shape), body)
+    return body, features
+
+
+def _backbone(cfg: NetConfig, input_shape: tuple[int, ...], width_scale: float
+              ) -> tuple[nn.Module, int]:
     if isinstance(cfg, MLPConfig):
         return mlp(input_shape, [_scaled(h, width_scale) for h in cfg.hidden])
     if isinstance(cfg, ResNetConfig):
@@ -47,6 +57,6 @@ class TaskNet(nn.Module):
 
 
 def build_task_net(cfg: NetConfig, input_shape: tuple[int, ...], n_classes: int, n_heads: int,
-                   width_scale: float = 1.0) -> TaskNet:
-    body, features = build_body(cfg, input_shape, width_scale)
+                   width_scale: float = 1.0, normalize: str = "none") -> TaskNet:
+    body, features = build_body(cfg, input_shape, width_scale, normalize)
     return TaskNet(body, features, n_classes, n_heads)

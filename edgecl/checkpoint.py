@@ -19,20 +19,17 @@ from edgecl.learners import Learner, LearnerSpec, build_learner
 FORMAT = "edgecl-checkpoint/1"
 
 
-def encode_checkpoint(learner: Learner, meta: dict[str, Any] | None = None) -> bytes:
-    """`learner` (spec + state) and `meta` (plain data and tensors) as a checkpoint's bytes."""
-    payload = {"format": FORMAT, "spec": learner.spec.to_dict(), "state": learner.state_dict(),
-               "meta": meta or {}}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+def checkpoint_payload(learner: Learner, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint file holds: `learner`'s spec and state, and `meta` (plain data and
+    tensors), for `torch.save`."""
+    return {"format": FORMAT, "spec": learner.spec.to_dict(), "state": learner.state_dict(),
+            "meta": meta or {}}
 
 
 def save_checkpoint(path: str | Path, learner: Learner, meta: dict[str, Any] | None = None) -> None:
     """Atomically write `learner` (spec + state) and any JSON-like `meta` to `path`."""
-    data = encode_checkpoint(learner, meta)
     with atomic_open(path) as f:
-        f.write(data)
+        torch.save(checkpoint_payload(learner, meta), f)
 
 
 def checkpoint_bytes(path: str | Path) -> bytes:

@@ -6,7 +6,6 @@ journal."""
 
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from test_learn_mqtt import Client
 
 from edgecl.config import load_config
 from edgecl.learn.client import LearnClient, LearnError
-from edgecl.learn.journal import Record
+from edgecl.learn.journal import Journal
 from edgecl.learn.loop import replay
 from edgecl.learn.schema import schema_for
 from edgecl.learn.state import CheckpointStore
@@ -145,10 +144,11 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, broker):
     assert daemon.proc.wait(60) == 0
     assert s["learned"] == s["accepted"] >= 1600  # a resent chunk is journaled twice
 
-    db = sqlite3.connect(tmp_path / "state" / "journal.sqlite3")
-    journal = [Record(*row) for row in db.execute("SELECT seq, kind, task, y, x FROM records "
-                                                  "ORDER BY seq")]
-    assert [r.seq for r in journal] == list(range(1, len(journal) + 1))  # nothing truncated
+    kept = Journal(tmp_path / "state" / "journal.sqlite3", max_tasks=3)
+    journal = kept.read(0, 1_000_000)
+    kept.close()
+    seqs = [s for c in journal for s in range(c.seq, c.last + 1)]
+    assert seqs == list(range(1, len(seqs) + 1))  # nothing truncated
     cfg = load_config(config)
     schema = schema_for(cfg)
     spec = LearnerSpec(cfg, schema.input_shape, schema.n_classes, schema.head, schema.max_tasks)

@@ -131,8 +131,8 @@ def test_valid_samples_are_journaled_and_learned(daemon: Daemon, source: Any,
     assert status["rejected"] == 0
     assert status["tasks"]["t1"]["accepted"] == 10
     with closing(sqlite3.connect(daemon.journal.path)) as db:  # the learner reads its own
-        last = db.execute("SELECT x FROM records ORDER BY seq DESC LIMIT 2").fetchall()
-    assert [np.frombuffer(x, "<f4").tolist() for (x,) in reversed(last)] == rows.tolist()
+        (last,) = db.execute("SELECT x FROM chunks ORDER BY seq DESC LIMIT 1").fetchone()
+    assert np.frombuffer(last, "<f4").reshape(2, 4).tolist() == rows.tolist()
 
 
 def test_invalid_messages_are_rejected_and_reported(daemon: Daemon, source: Any,

@@ -6,6 +6,7 @@ thread is the only one that touches the learner.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import io
 import logging
@@ -29,7 +30,7 @@ from edgecl.learners import LearnerSpec, build_learner
 from edgecl.serve.repository import sha256_of
 
 log = logging.getLogger("edgecl.learn")
-READ_CHUNK = 512  # journal records read per query
+READ_CHUNK = 64  # journal chunks (up to a request's samples each) read per query
 T = TypeVar("T")
 
 
@@ -57,6 +58,12 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed after a checkpoint back to the OS (glibc keeps it otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +110,8 @@ class Daemon:
             learning = Learning(restored.learner, self.schema, self.cfg.learn,
                                 restored.meta["learning"])
             log.info("restored %s: journal offset %d", restored.path.name, learning.offset)
+            self.last_checkpoint = {"file": restored.path.name, "offset": learning.offset,
+                                    "at": restored.path.stat().st_mtime, "seconds": 0.0}
             return learning
         learning = Learning(build_learner(self.spec), self.schema, self.cfg.learn)
         first = self.journal.first_seq()
@@ -111,7 +120,7 @@ class Daemon:
             log.error("no usable checkpoint; records 1..%d are gone: learning from the journal "
                       "that is left", first - 1)
             learning.offset = first - 1
-        self._save_checkpoint(learning)  # the initial state: a restart starts from it
+        self._save_checkpoint(learning, force=True)  # the initial state: restarts start here
         return learning
 
     def start(self) -> None:
@@ -172,7 +181,7 @@ class Daemon:
 
     def checkpoint(self) -> dict[str, Any]:
         """Checkpoint now (on the learning thread)."""
-        self._save_checkpoint(self.learning)
+        self._save_checkpoint(self.learning, force=True)
         return self.last_checkpoint or {}
 
     def evaluate(self) -> dict[str, float]:
@@ -199,24 +208,24 @@ class Daemon:
         last_record_s, flushed_at = time.monotonic(), -1
         while not self._stop.is_set():
             self._run_calls()
-            records = self.journal.read(self.learning.read_seq, READ_CHUNK)
-            for record in records:
+            chunks = self.journal.read(self.learning.read_seq, READ_CHUNK)
+            for chunk in chunks:
                 if self._stop.is_set():
                     break
-                self.learning.take(record)
+                self.learning.take(chunk)
             now = time.monotonic()
-            if records:
+            if chunks:
                 last_record_s = now
             if (self.learning.learned - last_checkpoint_learned >= cfg.checkpoint_every
                     or now - last_checkpoint_s >= cfg.checkpoint_seconds):
                 self._save_checkpoint(self.learning)
                 last_checkpoint_s, last_checkpoint_learned = now, self.learning.learned
-            if not records:
-                pending = self.learning.pending
-                if pending and now - last_record_s > cfg.flush_idle_s \
-                        and flushed_at != pending[-1].seq:
-                    flushed_at = pending[-1].seq  # one marker per stalled batch
-                    self.journal.append_marker(FLUSH, pending[-1].task)
+            if not chunks:
+                learning = self.learning
+                if learning.pending and now - last_record_s > cfg.flush_idle_s \
+                        and flushed_at != learning.read_seq:
+                    flushed_at = learning.read_seq  # one marker per stalled batch
+                    self.journal.append_marker(FLUSH, learning.pending_task or "")
                 self.journal.wait(self.learning.read_seq, 0.05)
         self._run_calls()
         self._save_checkpoint(self.learning)
@@ -232,7 +241,10 @@ class Daemon:
             except Exception as e:  # the caller reports it; the thread goes on
                 future.set_exception(e)
 
-    def _save_checkpoint(self, learning: Learning) -> None:
+    def _save_checkpoint(self, learning: Learning, force: bool = False) -> None:
+        """Checkpoint, unless nothing was learned since the last one (and not `force`)."""
+        if not force and self.last_checkpoint and self.last_checkpoint["offset"] == learning.offset:
+            return
         t0 = time.perf_counter()
         path = self.checkpoints.save(learning.learner, {"learning": learning.state_dict()},
                                      learning.offset)
@@ -241,6 +253,7 @@ class Daemon:
         self.last_checkpoint = {"file": path.name, "offset": learning.offset,
                                 "at": time.time(), "seconds": time.perf_counter() - t0}
         log.info("checkpoint %s (%.2f s)", path.name, self.last_checkpoint["seconds"])
+        release_freed_memory()
 
     def _consolidated(self, task: str) -> None:
         accs = self.learning.rows[task]
@@ -252,7 +265,7 @@ class Daemon:
     def _publish(self, task: str) -> None:
         x, _ = self.learning.holdout.tensors(task)
         assert self.publisher is not None
-        self.publisher.submit(task, self.learning.learner.task_module(task), x,
+        self.publisher.submit(task, self.learning.learner.task_module(task), x.clone(),
                               f"edgecl learn {self.state_dir.resolve()} at journal seq "
                               f"{self.learning.offset}")
 

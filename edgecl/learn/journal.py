@@ -1,10 +1,13 @@
 """The journal: accepted samples and markers, durable and ordered, in SQLite (WAL mode).
 
-Every record gets a sequence number that only increases (also across truncation). One writer
-thread commits whatever appends are waiting as one transaction with `synchronous=FULL` (group
-commit: many requests per fsync under load) and only then resolves their futures, so a caller
-acknowledges a sample only once it is on disk. A torn write at a power cut is SQLite's to
-recover: a WAL commit that did not complete is discarded whole when the database is opened.
+Every sample and marker gets a sequence number that only increases (also across truncation).
+A row is a chunk: a run of consecutive samples of one task from one request (seq = its first
+sample's, `count` samples, labels and inputs as raw arrays), or one marker: one row per request,
+not per sample, keeps reads and pages cheap. One writer thread commits whatever appends are
+waiting as one transaction with `synchronous=FULL` (group commit: many requests per fsync under
+load) and only then resolves their futures, so a caller acknowledges a sample only once it is on
+disk. A torn write at a power cut is SQLite's to recover: a WAL commit that did not complete is
+discarded whole when the database is opened.
 
 Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch.
 """
@@ -27,21 +30,29 @@ log = logging.getLogger("edgecl.learn")
 SAMPLE, END, FLUSH = 0, 1, 2
 GROUP_MAX = 256  # appends committed together at most
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER NOT NULL, task TEXT NOT NULL,
-    y INTEGER, x BLOB);
-CREATE TABLE IF NOT EXISTS tasks (
-    name TEXT PRIMARY KEY, accepted INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS chunks (
+    seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, kind INTEGER NOT NULL,
+    task TEXT NOT NULL, y BLOB, x BLOB);
+CREATE TABLE IF NOT EXISTS tasks (name TEXT PRIMARY KEY, accepted INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
-@dataclass(frozen=True)
-class Record:
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Samples seq .. seq + count - 1 of one task (`y` int64 [count], `x` float32
+    [count, size]), or a marker (count 1, no y or x)."""
+
     seq: int
+    count: int
     kind: int
     task: str
-    y: int
-    x: bytes | None
+    y: np.ndarray | None = None
+    x: np.ndarray | None = None
+
+    @property
+    def last(self) -> int:
+        return self.seq + self.count - 1
 
 
 @dataclass(frozen=True)
@@ -74,9 +85,10 @@ class Journal:
         self._writer_db.executescript(SCHEMA)
         self._reader_db = connect(path)
         self._lock = threading.Condition()
-        row = self._writer_db.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+        row = self._writer_db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
         self._last_seq = row[0] if row else 0
+        row = self._writer_db.execute("SELECT max(count) FROM chunks").fetchone()
+        self.max_chunk = max(1, row[0] or 1)  # the longest chunk kept: bounds read queries
         self.accepted = dict(self._writer_db.execute("SELECT name, accepted FROM tasks"))
         self._queue: queue.Queue[_Append | None] = queue.Queue()
         self._thread = threading.Thread(target=self._write_loop, name="edgecl-journal",
@@ -122,16 +134,19 @@ class Journal:
                 continue
             for task, n in counts.items():
                 accepted[task] = accepted.get(task, 0) + n
-            results.append(Appended(seq + 1, len(new_rows)))
+            count = sum(row[1] for row in new_rows)
+            results.append(Appended(seq + 1, count))
             rows.extend(new_rows)
-            seq += len(new_rows)
+            seq += count
         try:
             db = self._writer_db
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT INTO records (seq, kind, task, y, x) VALUES (?, ?, ?, ?, ?)",
-                           rows)
+            db.executemany("INSERT INTO chunks (seq, count, kind, task, y, x) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT INTO tasks (name, accepted) VALUES (?, ?) ON CONFLICT(name) "
                            "DO UPDATE SET accepted = excluded.accepted", accepted.items())
+            db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) ON CONFLICT(key) "
+                       "DO UPDATE SET value = excluded.value", (seq,))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             log.error("journal write failed: %s", e)
@@ -141,6 +156,7 @@ class Journal:
         else:
             with self._lock:
                 self._last_seq, self.accepted = seq, accepted
+                self.max_chunk = max([self.max_chunk, *(row[1] for row in rows)])
                 self._lock.notify_all()
         for item, result in zip(group, results, strict=True):
             if isinstance(result, Exception):
@@ -150,8 +166,9 @@ class Journal:
 
     def _rows(self, item: _Append, seq: int, accepted: dict[str, int]
               ) -> tuple[list[tuple], dict[str, int]]:
+        """The item's rows from seq + 1 on: one per run of one task's samples, or the marker."""
         if item.samples is None:
-            return [(seq + 1, item.kind, item.task, None, None)], {}
+            return [(seq + 1, 1, item.kind, item.task, None, None)], {}
         s = item.samples
         counts: dict[str, int] = {}
         for task in s.tasks:
@@ -161,8 +178,11 @@ class Journal:
             raise SampleError(f"task {new[0]!r} would be task number {len(accepted) + 1}, beyond "
                               f"max_tasks={self.max_tasks}", 409)
         x = np.ascontiguousarray(s.x, dtype="<f4").reshape(len(s), -1)
-        rows = [(seq + 1 + i, SAMPLE, task, int(y), x[i].tobytes())
-                for i, (task, y) in enumerate(zip(s.tasks, s.y.tolist(), strict=True))]
+        y = np.ascontiguousarray(s.y, dtype="<i8")
+        rows = []
+        for start, end in _runs(s.tasks):
+            rows.append((seq + 1 + start, end - start, SAMPLE, s.tasks[start],
+                         y[start:end].tobytes(), x[start:end].tobytes()))
         return rows, counts
 
     # --- reading ---------------------------------------------------------------------------
@@ -175,26 +195,43 @@ class Journal:
         with self._lock:
             return self._lock.wait_for(lambda: self._last_seq > after_seq, timeout)
 
-    def read(self, after_seq: int, limit: int) -> list[Record]:
-        """Up to `limit` records after `after_seq`, in order (the reader thread only)."""
+    def read(self, after_seq: int, limit: int) -> list[Chunk]:
+        """Up to `limit` chunks holding seqs after `after_seq`, in order (the reader thread
+        only); the first may start before `after_seq`."""
         rows = self._reader_db.execute(
-            "SELECT seq, kind, task, y, x FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit)).fetchall()
-        return [Record(*row) for row in rows]
+            "SELECT seq, count, kind, task, y, x FROM chunks "
+            "WHERE seq > ? AND seq + count - 1 > ? ORDER BY seq LIMIT ?",
+            (after_seq - self.max_chunk, after_seq, limit)).fetchall()
+        return [_chunk(*row) for row in rows]
 
     def first_seq(self) -> int:
-        """The oldest record kept (last_seq + 1 when none is)."""
-        row = self._reader_db.execute("SELECT min(seq) FROM records").fetchone()
+        """The oldest seq kept (last_seq + 1 when none is)."""
+        row = self._reader_db.execute("SELECT min(seq) FROM chunks").fetchone()
         return row[0] if row[0] is not None else self._last_seq + 1
 
     def truncate(self, through_seq: int) -> None:
-        """Drop the records up to `through_seq` (a checkpoint holds their effect)."""
-        self._reader_db.execute("DELETE FROM records WHERE seq <= ?", (through_seq,))
+        """Drop the chunks whose seqs all lie at or before `through_seq` (a checkpoint holds
+        their effect)."""
+        self._reader_db.execute("DELETE FROM chunks WHERE seq + count - 1 <= ?", (through_seq,))
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
         self._reader_db.close()
+
+
+def _runs(tasks: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal consecutive task ids."""
+    starts = [i for i in range(len(tasks)) if i == 0 or tasks[i] != tasks[i - 1]]
+    return list(zip(starts, [*starts[1:], len(tasks)], strict=True))
+
+
+def _chunk(seq: int, count: int, kind: int, task: str, y: bytes | None, x: bytes | None
+           ) -> Chunk:
+    if kind != SAMPLE:
+        return Chunk(seq, count, kind, task)
+    return Chunk(seq, count, kind, task, np.frombuffer(y, dtype="<i8"),
+                 np.frombuffer(x, dtype="<f4").reshape(count, -1))
 
 
 class JournalError(OSError):

@@ -1,80 +1,101 @@
-"""Journal records -> learner steps: the deterministic core of `edgecl learn`.
+"""Journal chunks -> learner steps: the deterministic core of `edgecl learn`.
 
 Mini-batches come from journal order alone: consecutive training samples of one task,
-`batch_size` of them, a task switch, an END marker or a FLUSH marker closing a batch early. A
-deterministic share of the samples (chosen by sequence number) is held out for evaluation and
-never trained on. So the learner is a function of the journal: restoring a checkpoint and
-replaying the journal after its offset gives, on CPU, bit for bit the state of a run that never
-stopped. Nothing here knows about threads, files or HTTP.
+`batch_size` of them; a chunk of another task, an END marker or a FLUSH marker closes a batch
+early. A deterministic share of the samples (chosen by a hash of the sequence number) is held
+out for evaluation and never trained on. So the learner is a function of the journal: restoring
+a checkpoint and replaying the journal after its offset gives, on CPU, bit for bit the state of
+a run that never stopped. Nothing here knows about threads, files or HTTP.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from edgecl.config import LearnConfig
-from edgecl.learn.journal import END, FLUSH, SAMPLE, Record
+from edgecl.learn.journal import END, FLUSH, SAMPLE, Chunk
 from edgecl.learn.schema import SampleSchema
 from edgecl.learners import Learner
 
-_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive seqs over [0, 2^64)
-_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads seqs over [0, 2^64)
 EVAL_BATCH = 1000
 
 
-def held_out(seq: int, share: float) -> bool:
-    """Whether sample `seq` is kept for evaluation: a fixed pseudo-random `share` of seqs."""
-    return ((seq * _GOLDEN) & _MASK64) < share * (1 << 64)
+def held_out(seqs: np.ndarray, share: float) -> np.ndarray:
+    """Which samples of `seqs` are kept for evaluation: a fixed pseudo-random `share`."""
+    with np.errstate(over="ignore"):  # the multiplication wraps modulo 2^64, as meant
+        spread = seqs.astype(np.uint64) * _GOLDEN
+    return spread < np.uint64(int(share * 2.0**64))
 
 
 class HoldoutSet:
-    """Per task, the newest `capacity` held-out samples: the device's own test sets."""
+    """Per task, the newest `capacity` held-out samples: the device's own test sets, in ring
+    buffers allocated (and touched) for `max_tasks` tasks up front, so memory stays flat."""
 
-    def __init__(self, capacity: int, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, capacity: int, input_shape: tuple[int, ...], max_tasks: int) -> None:
         self.capacity = capacity
-        self.input_shape = input_shape
-        self.x: dict[str, collections.deque[np.ndarray]] = {}
-        self.y: dict[str, collections.deque[int]] = {}
+        self.x = torch.zeros(max_tasks, capacity, *input_shape).fill_(0.0)
+        self.y = torch.zeros(max_tasks, capacity, dtype=torch.int64).fill_(0)
+        self.filled = torch.zeros(max_tasks, dtype=torch.int64)  # samples ever added per slot
+        self.slots: dict[str, int] = {}
 
-    def add(self, task: str, x: np.ndarray, y: int) -> None:
-        if task not in self.x:
-            self.x[task] = collections.deque(maxlen=self.capacity)
-            self.y[task] = collections.deque(maxlen=self.capacity)
-        self.x[task].append(x)
-        self.y[task].append(y)
+    def add(self, task: str, x: np.ndarray, y: np.ndarray) -> None:
+        slot = self.slots.setdefault(task, len(self.slots))
+        start = int(self.filled[slot])
+        for i in range(max(0, len(y) - self.capacity), len(y)):  # the newest `capacity`
+            at = (start + i) % self.capacity
+            self.x[slot, at] = torch.from_numpy(x[i])
+            self.y[slot, at] = int(y[i])
+        self.filled[slot] = start + len(y)
 
     def tensors(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.stack(self.x[task]) if self.x.get(task) else np.zeros((0, *self.input_shape))
-        return (torch.from_numpy(x.astype(np.float32, copy=False)),
-                torch.tensor(list(self.y.get(task, ())), dtype=torch.int64))
+        """The task's held-out samples (views of the buffers; order is not meaningful)."""
+        if task not in self.slots:
+            return self.x[0, :0], self.y[0, :0]
+        slot = self.slots[task]
+        n = min(int(self.filled[slot]), self.capacity)
+        return self.x[slot, :n], self.y[slot, :n]
 
     def counts(self) -> dict[str, int]:
-        return {task: len(ys) for task, ys in self.y.items()}
+        return {task: min(int(self.filled[s]), self.capacity) for task, s in self.slots.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        out = {}
-        for task in self.x:
-            x, y = self.tensors(task)
-            out[task] = {"x": x, "y": y}
-        return out
+        """The filled part of each task's ring (copies: a view would save the whole buffer)."""
+        return {task: {"x": self.x[s, :n].clone(), "y": self.y[s, :n].clone(),
+                       "filled": int(self.filled[s])}
+                for task, s in self.slots.items() for n in [self.counts()[task]]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.x, self.y = {}, {}
-        for task, d in state.items():
-            for x, y in zip(d["x"].numpy(), d["y"].tolist(), strict=True):
-                self.add(task, x, y)
+        self.slots = {}
+        self.filled.zero_()
+        for slot, (task, d) in enumerate(state.items()):
+            self.slots[task] = slot
+            n = len(d["y"])
+            self.x[slot, :n] = d["x"]
+            self.y[slot, :n] = d["y"]
+            self.filled[slot] = d["filled"]
+
+
+@dataclass(frozen=True, eq=False)
+class Piece:
+    """Consecutive samples first .. first + len(y) - 1 of one chunk, waiting for their batch."""
+
+    first: int
+    x: np.ndarray
+    y: np.ndarray
+    held: np.ndarray  # bool per sample: held out, not trained on
 
 
 class Learning:
-    """Feeds journal records to a learner; holds what a checkpoint must keep besides it.
+    """Feeds journal chunks to a learner; holds what a checkpoint must keep besides it.
 
-    `offset` is the last seq whose effect is in the learner; records after it that do not yet
+    `offset` is the last seq whose effect is in the learner; samples after it that do not yet
     close a batch wait in `pending`. `on_consolidated(task)` runs after a task is consolidated
     and evaluated (the daemon publishes its model there).
     """
@@ -84,16 +105,16 @@ class Learning:
         self.learner = learner
         self.schema = schema
         self.cfg = cfg
-        self.holdout = HoldoutSet(cfg.eval_per_task, schema.input_shape)
+        self.holdout = HoldoutSet(cfg.eval_per_task, schema.input_shape, schema.max_tasks)
         self.offset = 0
         self.learned = 0  # samples consumed: trained on, or held out
         self.trained = 0
         self.accuracy_now: dict[str, float] = {}
         self.accuracy_learned: dict[str, float] = {}  # R[i, i]: right after task i was learned
         self.rows: dict[str, dict[str, float]] = {}  # R: row i, after task i's consolidation
-        self.applied = applied_digest([])  # every seq applied, in order, chained
-        self.pending: list[Record] = []
-        self.pending_task: str | None = None  # the task of the pending training samples
+        self.applied = ""  # a sha256 chain over the seq ranges applied, in order
+        self.pending: list[Piece] = []
+        self.pending_task: str | None = None
         self.pending_train = 0
         self.on_consolidated: Callable[[str], None] | None = None
         if state is not None:
@@ -102,55 +123,70 @@ class Learning:
     @property
     def read_seq(self) -> int:
         """The last seq taken (applied or pending)."""
-        return self.pending[-1].seq if self.pending else self.offset
+        if not self.pending:
+            return self.offset
+        return self.pending[-1].first + len(self.pending[-1].y) - 1
 
-    def take(self, record: Record) -> None:
-        """Process the next journal record (seqs must follow `read_seq`)."""
-        if record.seq <= self.read_seq:
-            raise ValueError(f"record {record.seq} taken after {self.read_seq}: out of order")
-        if record.kind != SAMPLE:
-            self.close_batch(record.seq)
-            self.applied = applied_digest([record.seq], self.applied)
-            if record.kind == END:
-                self.end(record.task)
-            elif record.kind != FLUSH:
-                raise ValueError(f"record {record.seq}: unknown kind {record.kind}")
+    def take(self, chunk: Chunk) -> None:
+        """Process the next journal chunk; seqs up to `read_seq` in it were taken before."""
+        if chunk.last <= self.read_seq or chunk.seq > self.read_seq + 1:
+            raise ValueError(f"chunk {chunk.seq}..{chunk.last} does not follow {self.read_seq}")
+        if chunk.kind != SAMPLE:
+            self.close_batch(chunk.seq)
+            if chunk.kind == END:
+                self.end(chunk.task)
+            elif chunk.kind != FLUSH:
+                raise ValueError(f"chunk {chunk.seq}: unknown kind {chunk.kind}")
             return
-        train = not held_out(record.seq, self.cfg.holdout)
-        if train and self.pending_task not in (None, record.task):
+        if self.pending and self.pending_task != chunk.task:
             self.close_batch()
-        self.pending.append(record)
-        if train:
-            self.pending_task = record.task
-            self.pending_train += 1
+        start = self.read_seq + 1 - chunk.seq
+        seqs = np.arange(chunk.seq + start, chunk.last + 1)
+        held = held_out(seqs, self.cfg.holdout)
+        train_ends = np.cumsum(~held)  # training samples up to and including each
+        i = 0
+        while i < len(seqs):
+            need = self.schema.batch_size - self.pending_train
+            base = int(train_ends[i - 1]) if i else 0
+            j = int(np.searchsorted(train_ends, base + need))  # the batch's last sample
+            end = min(j + 1, len(seqs))
+            at = slice(start + i, start + end)
+            self.pending_task = chunk.task
+            self.pending.append(Piece(int(seqs[i]), chunk.x[at], chunk.y[at], held[i:end]))
+            self.pending_train += int(train_ends[end - 1]) - base
+            i = end
             if self.pending_train >= self.schema.batch_size:
                 self.close_batch()
 
     def close_batch(self, through_seq: int | None = None) -> None:
         """Learn the pending batch; the offset moves to `through_seq` (a marker) or its end."""
-        batch, task = self.pending, self.pending_task
+        pieces, task = self.pending, self.pending_task
         self.pending, self.pending_task, self.pending_train = [], None, 0
-        train = []
-        for r in batch:
-            if held_out(r.seq, self.cfg.holdout):
-                self.holdout.add(r.task, self._inputs([r])[0], r.y)
-            else:
-                train.append(r)
-        if task is not None:
+        if pieces:
+            self._apply(pieces, task)
+        ranges = [f"{p.first}-{p.first + len(p.y) - 1}" for p in pieces]
+        if through_seq is not None:
+            ranges.append(str(through_seq))
+        self.applied = hashlib.sha256(f"{self.applied}:{','.join(ranges)}".encode()).hexdigest()
+        if through_seq is None:
+            through_seq = pieces[-1].first + len(pieces[-1].y) - 1
+        self.offset = through_seq
+
+    def _apply(self, pieces: list[Piece], task: str | None) -> None:
+        x = np.concatenate([p.x for p in pieces]).reshape(-1, *self.schema.input_shape)
+        y = np.concatenate([p.y for p in pieces])
+        held = np.concatenate([p.held for p in pieces])
+        if held.any():
+            self.holdout.add(task, x[held], y[held])
+        if not held.all():
             open_task = self.learner.open_task
             if open_task is not None and open_task != task:
                 self.end(open_task)
-            x = torch.from_numpy(self._inputs(train))
-            self.learner.observe(x, torch.tensor([r.y for r in train]), task)
-            self.trained += len(train)
-        self.learned += len(batch)
-        self.applied = applied_digest([r.seq for r in batch], self.applied)
-        if through_seq is not None or batch:
-            self.offset = through_seq if through_seq is not None else batch[-1].seq
-
-    def _inputs(self, records: list[Record]) -> np.ndarray:
-        raw = bytearray().join(r.x for r in records)  # writable: torch wants that
-        return np.frombuffer(raw, dtype="<f4").reshape(len(records), *self.schema.input_shape)
+            train = ~held
+            self.learner.observe(torch.from_numpy(np.ascontiguousarray(x[train])),
+                                 torch.from_numpy(y[train].astype(np.int64)), task)
+            self.trained += int(train.sum())
+        self.learned += len(y)
 
     def end(self, task: str) -> None:
         """Consolidate `task` if it is the learner's open task; evaluate; tell the daemon."""
@@ -177,10 +213,10 @@ class Learning:
         return accs
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the learner (pending records are re-read)."""
+        """What a checkpoint keeps besides the learner (pending samples are read again)."""
         return {"offset": self.offset, "learned": self.learned, "trained": self.trained,
-                "applied": self.applied,
-                "holdout": self.holdout.state_dict(), "accuracy_now": dict(self.accuracy_now),
+                "applied": self.applied, "holdout": self.holdout.state_dict(),
+                "accuracy_now": dict(self.accuracy_now),
                 "accuracy_learned": dict(self.accuracy_learned),
                 "rows": {k: dict(v) for k, v in self.rows.items()}}
 
@@ -194,18 +230,10 @@ class Learning:
         self.pending, self.pending_task, self.pending_train = [], None, 0
 
 
-def applied_digest(seqs: list[int], previous: str = "") -> str:
-    """A sha256 chain over applied seqs: equal digests mean the same seqs, each once, in order."""
-    if not seqs:
-        return previous
-    data = previous.encode() + b",".join(str(s).encode() for s in seqs)
-    return hashlib.sha256(data).hexdigest()
-
-
 def replay(learner: Learner, schema: SampleSchema, cfg: LearnConfig,
-           records: list[Record]) -> Learning:
-    """Learn `records` from scratch, as an uninterrupted daemon would (tests, audits)."""
+           chunks: list[Chunk]) -> Learning:
+    """Learn `chunks` from scratch, as an uninterrupted daemon would (tests, audits)."""
     learning = Learning(learner, schema, cfg)
-    for record in records:
-        learning.take(record)
+    for chunk in chunks:
+        learning.take(chunk)
     return learning

@@ -1,27 +1,47 @@
 """Checkpoints of the daemon: learner + journal offset, atomic, sha256-named, the last K kept.
 
-A checkpoint is `ckpt-<offset>-<sha256>.pt` in the state dir's `checkpoints/`: written to a temp
-file, fsync'd, renamed, the folder fsync'd (`edgecl.atomic`). Its name carries the sha256 of its
-bytes, checked before it is loaded (weights-only). A checkpoint that fails the check or the load
-is renamed `*.corrupt`, logged and counted, and the next older one is tried.
+A checkpoint is `ckpt-<offset>-<sha256>.pt` in the state dir's `checkpoints/`: streamed to a
+temp file while its sha256 is computed (no copy of it in memory), fsync'd, renamed, the folder
+fsync'd. Its name carries the sha256 of its bytes, checked before it is loaded (weights-only).
+A checkpoint that fails the check or the load is renamed `*.corrupt`, logged and counted, and
+the next older one is tried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecl.atomic import atomic_open
-from edgecl.checkpoint import encode_checkpoint, learner_from_payload, read_checkpoint
+import torch
+
+from edgecl.atomic import fsync_dir, temp_path
+from edgecl.checkpoint import checkpoint_payload, learner_from_payload, read_checkpoint
 from edgecl.learners import Learner
 from edgecl.serve.repository import sha256_of
 
 log = logging.getLogger("edgecl.learn")
 NAME = re.compile(r"ckpt-(?P<offset>\d{12})-(?P<sha256>[0-9a-f]{64})\.pt")
+
+
+class _HashingWriter:
+    """A file-like object for torch.save that hashes what it writes."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 @dataclass(frozen=True)
@@ -46,10 +66,20 @@ class CheckpointStore:
 
     def save(self, learner: Learner, meta: dict[str, Any], offset: int) -> Path:
         """Write a checkpoint at journal `offset`; keep only the newest `keep`."""
-        data = encode_checkpoint(learner, {**meta, "offset": offset})
-        path = self.folder / f"ckpt-{offset:012d}-{sha256_of(data)}.pt"
-        with atomic_open(path) as f:
-            f.write(data)
+        tmp = temp_path(self.folder, ".ckpt-", ".tmp")
+        try:
+            with open(tmp, "xb") as f:
+                hashing = _HashingWriter(f)
+                torch.save(checkpoint_payload(learner, {**meta, "offset": offset}), hashing)
+                f.flush()
+                os.fsync(f.fileno())
+            path = self.folder / f"ckpt-{offset:012d}-{hashing.sha256.hexdigest()}.pt"
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        fsync_dir(self.folder)
         for old in self.paths()[:-self.keep]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()

@@ -21,7 +21,7 @@ import orjson
 
 from edgecl.learn.daemon import Backpressure, Daemon
 from edgecl.learn.journal import JournalError
-from edgecl.learn.schema import SampleError, json_records, parse_records
+from edgecl.learn.schema import SampleError, json_records, may_hold_booleans, parse_records
 
 log = logging.getLogger("edgecl.learn")
 
@@ -33,7 +33,8 @@ def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
         if len(records) == 1 and isinstance(records[0], dict) and set(records[0]) == {"end_task"}:
             future = daemon.end_task(records[0]["end_task"])
         else:
-            samples = parse_records(daemon.schema, records, daemon.cfg.learn.max_request_samples)
+            samples = parse_records(daemon.schema, records, daemon.cfg.learn.max_request_samples,
+                                    may_hold_booleans(line))
             future = daemon.submit(samples)
         appended = future.result()
     except SampleError as e:

@@ -230,8 +230,9 @@ def _chunk(seq: int, count: int, kind: int, task: str, y: bytes | None, x: bytes
            ) -> Chunk:
     if kind != SAMPLE:
         return Chunk(seq, count, kind, task)
-    return Chunk(seq, count, kind, task, np.frombuffer(y, dtype="<i8"),
-                 np.frombuffer(x, dtype="<f4").reshape(count, -1))
+    # writable copies (bytearray): torch takes views of them without a warning
+    return Chunk(seq, count, kind, task, np.frombuffer(bytearray(y), dtype="<i8"),
+                 np.frombuffer(bytearray(x), dtype="<f4").reshape(count, -1))
 
 
 class JournalError(OSError):

@@ -173,20 +173,25 @@ class Learning:
         self.offset = through_seq
 
     def _apply(self, pieces: list[Piece], task: str | None) -> None:
-        x = np.concatenate([p.x for p in pieces]).reshape(-1, *self.schema.input_shape)
-        y = np.concatenate([p.y for p in pieces])
-        held = np.concatenate([p.held for p in pieces])
-        if held.any():
+        if len(pieces) == 1:  # the common case: views, no copies
+            x, y, held = pieces[0].x, pieces[0].y, pieces[0].held
+        else:
+            x = np.concatenate([p.x for p in pieces])
+            y = np.concatenate([p.y for p in pieces])
+            held = np.concatenate([p.held for p in pieces])
+        x = x.reshape(-1, *self.schema.input_shape)
+        any_held = held.any()
+        if any_held:
             self.holdout.add(task, x[held], y[held])
         if not held.all():
             open_task = self.learner.open_task
             if open_task is not None and open_task != task:
                 self.end(open_task)
-            train = ~held
-            self.learner.observe(torch.from_numpy(np.ascontiguousarray(x[train])),
-                                 torch.from_numpy(y[train].astype(np.int64)), task)
-            self.trained += int(train.sum())
-        self.learned += len(y)
+            if any_held:
+                x, y = x[~held], y[~held]
+            self.learner.observe(torch.from_numpy(x), torch.from_numpy(y), task)
+            self.trained += len(y)
+        self.learned += len(held)
 
     def end(self, task: str) -> None:
         """Consolidate `task` if it is the learner's open task; evaluate; tell the daemon."""

@@ -544,3 +544,133 @@ def test_cli_refuses_a_token_file_that_is_not_utf8(repo, tmp_path):
     r = CliRunner().invoke(app, ["serve", "--repo", str(repo), "--port", "0",
                                  "--token-file", str(tmp_path / "token")])
     assert r.exit_code == 2 and "token: the token file is not UTF-8 text" in r.output
+
+
+# --- model rollback: a version marked BAD or removed stops serving within one poll ---------------
+
+
+@contextlib.contextmanager
+def polled_by_hand(repo):
+    """A server whose poller never fires on its own: each `server.models.refresh()` is one poll."""
+    server = create_server(repo, port=0)
+    thread = threading.Thread(target=server.run, args=(3600.0,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, "the server to start")
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(WAIT_S)
+
+
+def mark_bad(repo, task, version, reason=""):
+    (repo / task / str(version) / "BAD").write_text(reason)
+
+
+@pytest.mark.parametrize("how", ["BAD file", "folder removed"])
+def test_rolling_the_serving_version_back_serves_the_previous_within_one_poll(repo, learner,
+                                                                              how):
+    x = torch.rand(3, 1, 4, 4)
+    republish(repo, repo / "t1" / "1", "t0")  # t0's version 2 computes what t1 does
+    with polled_by_hand(repo) as server, Client(server.url) as client:
+        assert server.models.get("t0").version == 2
+        np.testing.assert_allclose(client.infer("t0", x.numpy()),
+                                   learner.predict(x, "t1").numpy(), atol=1e-5)
+        if how == "BAD file":
+            mark_bad(repo, "t0", 2, "accuracy fell on site B\n")
+        else:
+            shutil.rmtree(repo / "t0" / "2")
+        server.models.refresh()  # one poll
+        assert server.models.get("t0").version == 1
+        np.testing.assert_allclose(client.infer("t0", x.numpy()),
+                                   learner.predict(x, "t0").numpy(), atol=1e-5)
+        assert client.metadata("t0")["versions"] == ["1"]
+        assert metric(server, 'edgecl_model_version{task="t0"}') == 1
+        assert server.models.get("t1").version == 1  # other tasks untouched
+        server.models.refresh()  # and it stays there
+        assert server.models.get("t0").version == 1
+
+
+def test_the_poller_rolls_back_while_requests_run_and_none_fails(repo, learner):
+    x = torch.rand(2, 1, 4, 4)
+    republish(repo, repo / "t1" / "1", "t0")
+    with running(repo) as server:
+        statuses, stop = [], threading.Event()
+
+        def load() -> None:
+            with Client(server.url) as client:
+                while not stop.is_set():
+                    try:
+                        client.infer("t0", x.numpy())
+                        statuses.append(200)
+                    except ServeError as e:
+                        statuses.append(e.status)
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            wait_for(lambda: len(statuses) >= 5, "requests before the rollback")
+            mark_bad(repo, "t0", 2)
+            wait_for(lambda: server.models.get("t0").version == 1, "the rollback to version 1")
+            n = len(statuses)
+            wait_for(lambda: len(statuses) >= n + 5, "requests after the rollback")
+        finally:
+            stop.set()
+            worker.join(WAIT_S)
+        assert set(statuses) == {200}
+        with Client(server.url) as client:
+            np.testing.assert_allclose(client.infer("t0", x.numpy()),
+                                       learner.predict(x, "t0").numpy(), atol=1e-5)
+
+
+def test_rollback_skips_older_versions_that_are_bad_or_refused(repo):
+    corrupt(repo, "sha256")  # t0 version 2: refused
+    republish(repo, repo / "t0" / "1", "t0")  # version 3: good
+    republish(repo, repo / "t0" / "1", "t0")  # version 4: good
+    with polled_by_hand(repo) as server:
+        assert server.models.get("t0").version == 4
+        mark_bad(repo, "t0", 3)
+        mark_bad(repo, "t0", 4)
+        server.models.refresh()
+        assert server.models.get("t0").version == 1  # 4 and 3 BAD, 2 refused
+        assert metric(server, 'edgecl_model_refused_total{task="t0",reason="sha256"}') == 1
+
+
+def test_a_task_with_no_good_version_left_stops_being_served(repo):
+    with polled_by_hand(repo) as server:
+        conn = connect(server)
+        mark_bad(repo, "t1", 1)
+        server.models.refresh()
+        assert server.models.get("t1") is None and server.models.get("t0").version == 1
+        status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", infer_body(GOOD))
+        assert status == 404 and "serving: t0" in answer["error"]
+        assert request(conn, "GET", "/v2/health/ready")[0] == 200  # t0 still serves
+        shutil.rmtree(repo / "t0")  # the whole task folder
+        server.models.refresh()
+        assert server.models.all() == {}
+        assert request(conn, "GET", "/v2/health/ready")[:2] == (503, {"ready": False})
+        (repo / "t1" / "1" / "BAD").unlink()  # un-marked: served again at the next poll
+        server.models.refresh()
+        assert server.models.get("t1").version == 1
+
+
+def test_a_version_marked_bad_is_not_served_at_start_and_newer_ones_still_are(repo):
+    republish(repo, repo / "t0" / "1", "t0")
+    mark_bad(repo, "t0", 2)
+    with polled_by_hand(repo) as server:
+        assert server.models.get("t0").version == 1
+        published = republish(repo, repo / "t0" / "1", "t0")
+        assert published.version == 3  # a version marked BAD keeps its number taken
+        server.models.refresh()
+        assert server.models.get("t0").version == 3
+
+
+def test_a_repository_folder_that_vanishes_is_no_rollback(repo, tmp_path):
+    with polled_by_hand(repo) as server:
+        repo.rename(tmp_path / "elsewhere")  # an unmounted disk, say
+        server.models.refresh()
+        assert sorted(server.models.all()) == ["t0", "t1"]
+        (tmp_path / "elsewhere").rename(repo)
+        mark_bad(repo, "t0", 1)
+        server.models.refresh()
+        assert sorted(server.models.all()) == ["t1"]

@@ -642,6 +642,8 @@ def test_a_task_with_no_good_version_left_stops_being_served(repo):
         mark_bad(repo, "t1", 1)
         server.models.refresh()
         assert server.models.get("t1") is None and server.models.get("t0").version == 1
+        assert metric(server, 'edgecl_model_version{task="t1"}') == 0  # the gauge is gone
+        assert metric(server, 'edgecl_model_version{task="t0"}') == 1
         status, answer, _ = request(conn, "POST", "/v2/models/t1/infer", infer_body(GOOD))
         assert status == 404 and "serving: t0" in answer["error"]
         assert request(conn, "GET", "/v2/health/ready")[0] == 200  # t0 still serves

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from edgecl import __version__
 from edgecl.config import Config
 from edgecl.learn.journal import END, FLUSH, Appended, Journal
 from edgecl.learn.loop import Learning
@@ -282,8 +283,9 @@ class Daemon:
                                          if self.publisher else None)}
             for task, n in accepted.items()}
         return {
-            "ready": self.ready, "accepted": sum(accepted.values()), "learned": learning.learned,
-            "trained": learning.trained, "rejected": self.rejected, "lost": self.lost,
+            "version": __version__, "ready": self.ready, "accepted": sum(accepted.values()),
+            "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
+            "lost": self.lost,
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
                         "lag": self.lag(), "pending": len(learning.pending)},
             "open_task": learning.learner.open_task, "tasks": tasks,

@@ -69,6 +69,12 @@ class ServerMetrics:
             self._loaded.add(task)
             self._version.labels(task).set(version)
 
+    def unloaded(self, task: str) -> None:
+        """`task` is served no more: its version gauge goes."""
+        with self._loaded_lock:
+            self._loaded.discard(task)
+            self._version.remove(task)
+
     def refuse(self, task: str, reason: str) -> None:
         self._refused.labels(task, reason).inc()
 

@@ -132,6 +132,7 @@ class LiveModels:
         model = self._newest_loadable(task, good, "trying the next older good version")
         if model is None:
             self._models = {t: m for t, m in self._models.items() if t != task}
+            self._metrics.unloaded(task)
             log.warning("stopped serving %s: version %s is %s and no other good version "
                         "loads", task, serving.version, why)
             return

@@ -321,31 +321,38 @@ def test_an_ipv6_address_is_announced_in_brackets(repo):
         pytest.skip("no IPv6 loopback here")
 
 
+@contextlib.contextmanager
+def infer_in_background(server, task, x):
+    """A thread inferring `x` on `task` without pause; yields the status of every answer."""
+    statuses, stop = [], threading.Event()
+
+    def load() -> None:
+        with Client(server.url) as client:
+            while not stop.is_set():
+                try:
+                    client.infer(task, x.numpy())
+                    statuses.append(200)
+                except ServeError as e:
+                    statuses.append(e.status)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        worker.join(WAIT_S)
+
+
 def test_a_new_version_is_swapped_in_without_failing_a_request(repo, learner):
     x = torch.rand(3, 1, 4, 4)
     with running(repo) as server:
-        statuses, stop = [], threading.Event()
-
-        def load() -> None:
-            with Client(server.url) as client:
-                while not stop.is_set():
-                    try:
-                        client.infer("t0", x.numpy())
-                        statuses.append(200)
-                    except ServeError as e:
-                        statuses.append(e.status)
-
-        worker = threading.Thread(target=load)
-        worker.start()
-        try:
+        with infer_in_background(server, "t0", x) as statuses:
             wait_for(lambda: len(statuses) >= 5, "requests before the reload")
             republish(repo, repo / "t1" / "1", "t0")  # t0's version 2 computes what t1 does
             wait_for(lambda: server.models.get("t0").version == 2, "version 2")
             n = len(statuses)
             wait_for(lambda: len(statuses) >= n + 5, "requests after the reload")
-        finally:
-            stop.set()
-            worker.join(WAIT_S)
         assert set(statuses) == {200}
         with Client(server.url) as client:
             np.testing.assert_allclose(client.infer("t0", x.numpy()),
@@ -595,28 +602,12 @@ def test_the_poller_rolls_back_while_requests_run_and_none_fails(repo, learner):
     x = torch.rand(2, 1, 4, 4)
     republish(repo, repo / "t1" / "1", "t0")
     with running(repo) as server:
-        statuses, stop = [], threading.Event()
-
-        def load() -> None:
-            with Client(server.url) as client:
-                while not stop.is_set():
-                    try:
-                        client.infer("t0", x.numpy())
-                        statuses.append(200)
-                    except ServeError as e:
-                        statuses.append(e.status)
-
-        worker = threading.Thread(target=load)
-        worker.start()
-        try:
+        with infer_in_background(server, "t0", x) as statuses:
             wait_for(lambda: len(statuses) >= 5, "requests before the rollback")
             mark_bad(repo, "t0", 2)
             wait_for(lambda: server.models.get("t0").version == 1, "the rollback to version 1")
             n = len(statuses)
             wait_for(lambda: len(statuses) >= n + 5, "requests after the rollback")
-        finally:
-            stop.set()
-            worker.join(WAIT_S)
         assert set(statuses) == {200}
         with Client(server.url) as client:
             np.testing.assert_allclose(client.infer("t0", x.numpy()),

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Callable
 from pathlib import Path
 
-from edgecl.data import cifar100, mnist1d, npzfile, pmnist, rotmnist, splitmnist
+from edgecl.data import cifar100, mnist1d, npzfile, pmnist, rotmnist, sensors, splitmnist
 from edgecl.data.core import Batch, Benchmark, BenchmarkError, TaskData
 
 __all__ = ["BENCHMARKS", "Batch", "Benchmark", "BenchmarkError", "TaskData", "load_benchmark"]
@@ -22,6 +22,9 @@ _LOADERS: dict[str, Callable[[int | None, int | None, int, str | Path | None], B
     "splitmnist": splitmnist.load,
     "mnist1d": mnist1d.load,
     "cifar100": cifar100.load,
+    "basicmotions": sensors.load_basicmotions,
+    "basicmotions-classes": sensors.load_basicmotions_classes,
+    "japanesevowels": sensors.load_japanesevowels,
 }
 BENCHMARKS: tuple[str, ...] = tuple(_LOADERS)
 
@@ -33,7 +36,7 @@ def load_benchmark(name: str, *, n_tasks: int | None = None, samples_per_task: i
     ``n_tasks`` / ``samples_per_task`` of None mean the benchmark's default. ``seed`` picks the
     task transforms and sample orders; equal arguments give bit-identical tensors. ``data_dir``
     is required by cifar100, switches pmnist/rotmnist/splitmnist from the embedded 5,000 digits
-    to full MNIST, and is ignored by mnist1d and file:PATH.
+    to full MNIST, and is ignored by mnist1d, the aeon sensor sets and file:PATH.
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise BenchmarkError(f"seed must be a non-negative integer, got {seed!r}")

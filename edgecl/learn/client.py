@@ -15,36 +15,27 @@ error, not retried: the daemon may have journaled it already. Not thread-safe: o
 
 from __future__ import annotations
 
-import http.client
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
 
+from edgecl.httpclient import StatusError, connection, error_message
 from edgecl.learn.schema import BINARY_TYPE
 
 Label = int | str
 IDLE_S = 50.0  # the daemon closes keep-alive connections idle for 60 s: reconnect before that
 
 
-class LearnError(RuntimeError):
+class LearnError(StatusError):
     """The daemon refused a request; `status` is the HTTP code."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
 
 
 class LearnClient:
     def __init__(self, url: str = "http://127.0.0.1:8765", token: str | None = None,
                  batch: int = 100, timeout_s: float = 60.0, max_wait_s: float = 600.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected a URL like http://127.0.0.1:8765, got {url!r}")
-        self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80,
-                                                timeout=timeout_s)
+        self._conn = connection(url, timeout_s)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.batch = batch
         self.max_wait_s = max_wait_s  # longest total wait on 429s for one request
@@ -154,9 +145,5 @@ class LearnClient:
             self.retries += 1
             time.sleep(float(response.getheader("Retry-After", "1")))
         if response.status >= 400:
-            try:
-                message = orjson.loads(raw)["error"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                message = response.reason
-            raise LearnError(response.status, message)
+            raise LearnError(response.status, error_message(response, raw))
         return orjson.loads(raw)

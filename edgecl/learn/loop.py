@@ -132,11 +132,13 @@ class Learning:
         if chunk.last <= self.read_seq or chunk.seq > self.read_seq + 1:
             raise ValueError(f"chunk {chunk.seq}..{chunk.last} does not follow {self.read_seq}")
         if chunk.kind != SAMPLE:
-            self.close_batch(chunk.seq)
+            if chunk.kind not in (END, FLUSH):
+                raise ValueError(f"chunk {chunk.seq}: unknown kind {chunk.kind}")
+            if self.pending:
+                self.close_batch()
             if chunk.kind == END:
                 self.end(chunk.task)
-            elif chunk.kind != FLUSH:
-                raise ValueError(f"chunk {chunk.seq}: unknown kind {chunk.kind}")
+            self._advance([str(chunk.seq)], chunk.seq)  # after the consolidation: lag 0 = done
             return
         if self.pending and self.pending_task != chunk.task:
             self.close_batch()
@@ -158,19 +160,18 @@ class Learning:
             if self.pending_train >= self.schema.batch_size:
                 self.close_batch()
 
-    def close_batch(self, through_seq: int | None = None) -> None:
-        """Learn the pending batch; the offset moves to `through_seq` (a marker) or its end."""
+    def close_batch(self) -> None:
+        """Learn the pending batch; the offset moves to its last sample."""
         pieces, task = self.pending, self.pending_task
         self.pending, self.pending_task, self.pending_train = [], None, 0
-        if pieces:
-            self._apply(pieces, task)
-        ranges = [f"{p.first}-{p.first + len(p.y) - 1}" for p in pieces]
-        if through_seq is not None:
-            ranges.append(str(through_seq))
+        self._apply(pieces, task)
+        last = pieces[-1].first + len(pieces[-1].y) - 1
+        self._advance([f"{p.first}-{p.first + len(p.y) - 1}" for p in pieces], last)
+
+    def _advance(self, ranges: list[str], offset: int) -> None:
+        """Chain the seq ranges just applied into `applied`; move the offset."""
         self.applied = hashlib.sha256(f"{self.applied}:{','.join(ranges)}".encode()).hexdigest()
-        if through_seq is None:
-            through_seq = pieces[-1].first + len(pieces[-1].y) - 1
-        self.offset = through_seq
+        self.offset = offset
 
     def _apply(self, pieces: list[Piece], task: str | None) -> None:
         if len(pieces) == 1:  # the common case: views, no copies

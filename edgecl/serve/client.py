@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import http.client
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
 
+from edgecl.httpclient import StatusError, connection, error_message
 
-class ServeError(RuntimeError):
-    """The server answered with an error status; `status` is the HTTP code."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
+class ServeError(StatusError):
+    """The inference server answered with an error status; `status` is the HTTP code."""
 
 
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8080", token: str | None = None,
                  timeout_s: float = 10.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected a URL like http://127.0.0.1:8080, got {url!r}")
-        self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80,
-                                                timeout=timeout_s)
+        self._conn = connection(url, timeout_s)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._metadata: dict[str, dict[str, Any]] = {}
 
@@ -92,11 +85,7 @@ class Client:
             response = self._send(method, path, payload, headers)
         raw = response.read()
         if response.status >= 400:
-            try:
-                message = orjson.loads(raw)["error"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):  # not an edgecl/KServe error
-                message = response.reason
-            raise ServeError(response.status, message)
+            raise ServeError(response.status, error_message(response, raw))
         return orjson.loads(raw)
 
     def _send(self, method: str, path: str, payload: bytes | None, headers: dict[str, str]

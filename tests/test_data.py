@@ -37,11 +37,13 @@ def split_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 
 def test_unknown_name_lists_the_valid_ones():
-    assert BENCHMARKS == ("pmnist", "rotmnist", "splitmnist", "mnist1d", "cifar100")
+    assert BENCHMARKS == ("pmnist", "rotmnist", "splitmnist", "mnist1d", "cifar100",
+                          "basicmotions", "basicmotions-classes", "japanesevowels")
     with pytest.raises(BenchmarkError) as err:
         load_benchmark("x")
     assert str(err.value) == ("unknown benchmark 'x'; valid: pmnist, rotmnist, splitmnist, "
-                              "mnist1d, cifar100, file:PATH")
+                              "mnist1d, cifar100, basicmotions, basicmotions-classes, "
+                              "japanesevowels, file:PATH")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

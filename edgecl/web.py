@@ -48,6 +48,12 @@ class Response(NamedTuple):
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+def json_may_hold_booleans(body: bytes) -> bool:
+    """False when JSON `body` has no true/false literal anywhere: then numpy's fast conversion
+    of a list of numbers is exact (it reads a boolean among numbers as 1.0 or 0.0)."""
+    return b"true" in body or b"false" in body
+
+
 def json_response(status: int, obj: Any) -> Response:
     return Response(status, orjson.dumps(obj))
 

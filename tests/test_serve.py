@@ -180,6 +180,13 @@ def test_an_empty_repository_is_live_but_not_ready(tmp_path):
 GOOD = np.full((1, 1, 4, 4), 0.5, dtype=np.float32)
 
 
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(("path", "body", "status", "message"), [
     ("/v2/models/t0/infer", b"{", 400, "malformed JSON"),
     ("/v2/models/t0/infer", b"\xff\xfe", 400, "malformed JSON"),
@@ -201,6 +208,11 @@ GOOD = np.full((1, 1, 4, 4), 0.5, dtype=np.float32)
     ("/v2/models/t0/infer", {"inputs": [{"name": "input", "shape": [1, 1, 4, 4],
                                          "datatype": "FP32", "data": [[1, 2], [3]]}]}, 400,
      "evenly nested"),
+    ("/v2/models/t0/infer", {"inputs": [{"name": "input", "shape": [1, 1, 4, 4],
+                                         "datatype": "FP32", "data": [True] + [0.5] * 15}]},
+     400, "must hold only numbers"),  # numpy alone would read it as 1.0
+    ("/v2/models/t0/infer", {**infer_body(GOOD), "id": nested(300)}, 400,
+     '"id" must be a string'),  # parses (orjson reads 1,024 levels) but could not be echoed
     ("/v2/models/nope/infer", infer_body(GOOD), 404, "unknown task 'nope'; serving: t0, t1"),
     ("/v2/models/t0/explain", infer_body(GOOD), 404, "no such endpoint: POST"),
 ])

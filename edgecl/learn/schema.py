@@ -23,6 +23,7 @@ import orjson
 
 from edgecl.config import Config, ConfigError
 from edgecl.serve.repository import TASK_ID, TASK_ID_RULE
+from edgecl.web import json_may_hold_booleans
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 JSON_TYPES = ("application/json", "application/x-ndjson", "application/jsonl")
@@ -110,13 +111,7 @@ def parse_body(schema: SampleSchema, body: bytes, content_type: str,
     if kind and kind not in JSON_TYPES:
         raise SampleError(f"Content-Type {kind!r} not supported; use one of "
                           f"{', '.join((*JSON_TYPES, BINARY_TYPE))}", 415)
-    return parse_records(schema, json_records(body), max_samples, may_hold_booleans(body))
-
-
-def may_hold_booleans(body: bytes) -> bool:
-    """False when JSON `body` cannot hold true/false anywhere: then numpy's fast conversion of
-    inputs is exact (it would read a boolean among numbers as 1.0 or 0.0)."""
-    return b"true" in body or b"false" in body
+    return parse_records(schema, json_records(body), max_samples, json_may_hold_booleans(body))
 
 
 def json_records(body: bytes) -> list[Any]:

@@ -21,7 +21,8 @@ import orjson
 
 from edgecl.learn.daemon import Backpressure, Daemon
 from edgecl.learn.journal import JournalError
-from edgecl.learn.schema import SampleError, json_records, may_hold_booleans, parse_records
+from edgecl.learn.schema import SampleError, json_records, parse_records
+from edgecl.web import json_may_hold_booleans
 
 log = logging.getLogger("edgecl.learn")
 
@@ -34,7 +35,7 @@ def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
             future = daemon.end_task(records[0]["end_task"])
         else:
             samples = parse_records(daemon.schema, records, daemon.cfg.learn.max_request_samples,
-                                    may_hold_booleans(line))
+                                    json_may_hold_booleans(line))
             future = daemon.submit(samples)
         appended = future.result()
     except SampleError as e:

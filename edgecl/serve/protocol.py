@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from edgecl.serve.repository import Manifest, TensorSpec
-from edgecl.web import RequestError
+from edgecl.web import RequestError, json_may_hold_booleans
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 
@@ -34,6 +34,8 @@ def parse_request(body: bytes, json_length: str | None, spec: TensorSpec) -> Inf
     """Decode and check a request body against the model's input `spec`."""
     header, binary = _split(body, json_length)
     request = parse_json(header)
+    if not isinstance(request.get("id", ""), str):  # KServe v2: a string; echoed back as sent
+        raise RequestError(400, '"id" must be a string')
     tensor = _one_input(request, spec)
     shape = tensor["shape"]
     params = tensor.get("parameters")
@@ -42,7 +44,7 @@ def parse_request(body: bytes, json_length: str | None, spec: TensorSpec) -> Inf
     elif binary:
         raise RequestError(400, "binary data sent but the input has no binary_data_size")
     else:
-        x = _from_numbers(tensor.get("data"), shape)
+        x = _from_numbers(tensor.get("data"), shape, json_may_hold_booleans(header))
     bad = x.size - int(np.isfinite(x).sum())
     if bad:
         raise RequestError(400, f"the input has {bad} non-finite value(s): NaN, Inf or beyond "
@@ -91,21 +93,26 @@ def _one_input(request: dict[str, Any], spec: TensorSpec) -> dict[str, Any]:
     return tensor
 
 
-def _from_numbers(data: Any, shape: list[int]) -> np.ndarray:
+def _from_numbers(data: Any, shape: list[int], may_hold_booleans: bool) -> np.ndarray:
     if not isinstance(data, list):
         raise RequestError(400, '"data" must be a list of numbers')
     try:
         values = np.asarray(data)
     except ValueError:  # ragged nesting
         raise RequestError(400, '"data" must be a flat or evenly nested list of numbers') from None
-    if values.dtype.kind not in "iuf":
-        raise RequestError(400, f'"data" must hold only numbers (found {values.dtype.kind!r}-kind '
-                                'values such as strings, booleans or null)')
+    if values.dtype.kind not in "iuf" or (may_hold_booleans and _holds_a_boolean(data)):
+        raise RequestError(400, '"data" must hold only numbers (found strings, booleans or null)')
     if values.size != math.prod(shape):
         raise RequestError(400, f'"data" has {values.size} values; shape {shape} needs '
                                 f"{math.prod(shape)}")
     with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused later
         return values.astype(np.float32).reshape(shape)
+
+
+def _holds_a_boolean(data: list[Any]) -> bool:
+    """numpy reads [true, 0.5] as [1.0, 0.5]; look at each value (only when the body has a
+    true/false literal somewhere)."""
+    return any(type(v) is bool for v in np.asarray(data, dtype=object).ravel())
 
 
 def _from_binary(binary: bytes, size: Any, shape: list[int]) -> np.ndarray:

@@ -232,6 +232,11 @@ def serve(
              "if set, else none).")] = None,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body in MiB.")
                            ] = 8.0,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="TLS certificate (PEM) to serve HTTPS with (needs --tls-key): the bearer token "
+             "then never crosses the network in clear.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The TLS certificate's private key.")
+                       ] = None,
 ) -> None:
     """Serve every task's newest model over HTTP (KServe v2 protocol), hot-reloading new versions.
 
@@ -249,13 +254,14 @@ def serve(
 
     if not repo.is_dir():
         fail(f"{repo}: no such model repository (create one with `edgecl export`)")
+    tls = _tls(tls_cert, tls_key)
     token = _read_token(token_file) if token_file else os.environ.get(TOKEN_ENV)
     if token is not None and not token:
         fail(f"${TOKEN_ENV} is set but empty")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         server = create_server(repo, host, port, providers.split(",") if providers else None,
-                               threads, token, int(max_body_mb * (1 << 20)))
+                               threads, token, int(max_body_mb * (1 << 20)), tls)
     except (ValueError, ListenError) as e:
         fail(str(e))
     except OSError as e:  # the repository folder itself cannot be listed
@@ -303,6 +309,11 @@ def learn(
     threads: Annotated[int | None, typer.Option(
         min=1, help="torch CPU threads for learning (default: the config's, else 1: the other "
                     "cores stay free for ingest, serve and the sensor process).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="TLS certificate (PEM) to serve HTTPS with (needs --tls-key): the bearer token "
+             "then never crosses the network in clear.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The TLS certificate's private key.")
+                       ] = None,
 ) -> None:
     """Learn from a live sample stream, in one pass, forgetting nothing; survive crashes.
 
@@ -325,6 +336,7 @@ def learn(
 
     if mqtt and not device:
         fail("--mqtt needs --device NAME (the topic is edgecl/<device>/samples)")
+    tls = _tls(tls_cert, tls_key)
     token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
     if token is not None and not token:
         fail("$EDGECL_LEARN_TOKEN is set but empty")
@@ -342,7 +354,7 @@ def learn(
         fail(f"{state_dir}: cannot use the state dir ({e.strerror or e})")
     sources: list[Any] = []
     try:
-        server = HTTPServer(IngestApp(daemon, token), host, port)
+        server = HTTPServer(IngestApp(daemon, token), host, port, tls)
         if socket:
             sources.append(SocketSource(daemon, socket))
         if mqtt:
@@ -545,6 +557,13 @@ def _log_json_lines() -> None:
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("edgecl").setLevel(logging.INFO)
+
+
+def _tls(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    """--tls-cert and --tls-key, both or neither."""
+    if (cert is None) != (key is None):
+        fail("--tls-cert and --tls-key go together")
+    return (cert, key) if cert and key else None
 
 
 def _read_token(path: Path) -> str:

@@ -9,18 +9,25 @@ one event loop, not a thread per connection contending for the GIL.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import uvicorn
 
 JSON = "application/json"
 IDLE_TIMEOUT_S = 60  # an idle keep-alive connection is closed after this
+BODY_TIMEOUT_S = 30.0  # a body not received whole by then is a 408: slow clients hold no memory
+MAX_CONNECTIONS = 64  # open connections (and requests in flight) before new requests get a 503
+OFF_LOOP_BYTES = 256 << 10  # bodies larger than this are parsed on a worker thread
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
 
 
 class ListenError(Exception):
@@ -84,14 +91,22 @@ def authorize(token: str | None, headers: dict[bytes, bytes]) -> None:
 
 
 async def read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it is known to exceed `limit` bytes."""
+    """The whole body, refused (413) as soon as it is known to exceed `limit` bytes, or (408)
+    when it has not all arrived `BODY_TIMEOUT_S` after the headers."""
+    timeout_s = BODY_TIMEOUT_S
     length = headers.get(b"content-length", b"0")
     if length.isdigit() and int(length) > limit:
         raise RequestError(413, f"body of {int(length):,} bytes is over the limit of "
                                 f"{limit:,} bytes", close=True)
+    deadline = asyncio.get_running_loop().time() + timeout_s
     chunks, size, more = [], 0, True
     while more:
-        message = await receive()
+        try:
+            left = deadline - asyncio.get_running_loop().time()
+            message = await asyncio.wait_for(receive(), max(left, 0.0))
+        except TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {timeout_s:g} s",
+                               close=True) from None
         if message["type"] == "http.disconnect":
             raise RequestError(400, "client went away mid-body", close=True)
         chunks.append(message.get("body", b""))
@@ -100,6 +115,12 @@ async def read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) -
             raise RequestError(413, f"body is over the limit of {limit:,} bytes", close=True)
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+async def off_loop(body: bytes, parse: Callable[[], T]) -> T:
+    """`parse()` inline for a small body; on a worker thread for a large one, so that other
+    requests (health probes too) are answered while it runs."""
+    return parse() if len(body) <= OFF_LOOP_BYTES else await asyncio.to_thread(parse)
 
 
 def address(host: str, port: int) -> str:
@@ -126,23 +147,35 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 class HTTPServer:
-    """uvicorn serving an ASGI `app` on a socket bound at construction (port 0: any free).
+    """uvicorn serving an ASGI `app` on a socket bound at construction (port 0: any free),
+    with TLS when `tls` names a certificate and key file (PEM).
 
     `serve()` blocks until `shutdown()`; call it from a thread other than the main one, which
     uvicorn would take signals from: the caller decides what a signal means.
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8080) -> None:
-        self.socket = listen(host, port)
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8080,
+                 tls: tuple[Path, Path] | None = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        cert, key = tls or (None, None)
         config = uvicorn.Config(app, http="httptools", loop="asyncio", lifespan="off",
                                 timeout_keep_alive=IDLE_TIMEOUT_S, log_level="warning",
-                                access_log=False, server_header=False, date_header=False)
+                                access_log=False, server_header=False, date_header=False,
+                                limit_concurrency=max_connections,
+                                ssl_certfile=cert, ssl_keyfile=key)
+        try:
+            config.load()  # reads the certificate and key now: a bad one fails here
+        except (OSError, ssl.SSLError) as e:
+            raise ListenError(f"cannot use the TLS certificate {cert} and key {key}: {e}"
+                              ) from None
+        self.scheme = "https" if tls else "http"
+        self.socket = listen(host, port)
         self._uvicorn = uvicorn.Server(config)
 
     @property
     def url(self) -> str:
         host, port = self.socket.getsockname()[:2]
-        return f"http://{address(host, port)}"
+        return f"{self.scheme}://{address(host, port)}"
 
     @property
     def started(self) -> bool:

@@ -34,6 +34,7 @@ from edgecl.web import (
     authorize,
     error_response,
     json_response,
+    off_loop,
     read_body,
     send_response,
 )
@@ -94,8 +95,12 @@ class IngestApp:
         if path == "/v1/samples":
             body = await read_body(headers, receive, self.max_body_bytes)
             content_type = headers.get(b"content-type", b"").decode("latin-1")
-            return await self._accept(lambda: d.submit(
-                parse_body(d.schema, body, content_type, d.cfg.learn.max_request_samples)))
+            try:
+                samples = await off_loop(body, lambda: parse_body(
+                    d.schema, body, content_type, d.cfg.learn.max_request_samples))
+            except SampleError as e:
+                raise self._refused(e) from None
+            return await self._accept(lambda: d.submit(samples))
         await read_body(headers, receive, 1 << 16)  # control bodies are ignored
         url = TASK_URL.fullmatch(path)
         if url and url["action"] == "end":
@@ -114,8 +119,7 @@ class IngestApp:
         try:
             appended = await asyncio.wrap_future(journal())
         except SampleError as e:
-            self.daemon.reject()
-            raise RequestError(e.status, str(e)) from None
+            raise self._refused(e) from None
         except Backpressure as e:
             retry = str(max(1, round(e.retry_after_s))).encode()
             raise RequestError(429, str(e), headers=((b"retry-after", retry),)) from None
@@ -123,6 +127,10 @@ class IngestApp:
             raise RequestError(507, f"the journal cannot be written ({e}); nothing was "
                                     "accepted", headers=((b"retry-after", b"5"),)) from None
         return json_response(202, {"first_seq": appended.first_seq, "count": appended.count})
+
+    def _refused(self, e: SampleError) -> RequestError:
+        self.daemon.reject()
+        return RequestError(e.status, str(e))
 
     async def _on_learner(self, fn: Callable[[], Any], status: int) -> Response:
         try:

@@ -25,8 +25,10 @@ log = logging.getLogger("edgecl.serve")
 def create_server(repo: Path, host: str = "127.0.0.1", port: int = 8080,
                   providers: Sequence[str] | None = None, threads: int = 1,
                   token: str | None = None,
-                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> InferenceServer:
-    """Load the newest good version of every task in `repo` and bind; `run()` serves."""
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                  tls: tuple[Path, Path] | None = None) -> InferenceServer:
+    """Load the newest good version of every task in `repo` and bind (with TLS when `tls` is
+    a certificate and key file); `run()` serves."""
     metrics = ServerMetrics()
     chosen = choose_providers(providers)
     log.info("onnxruntime %s, providers %s, %d thread(s) per inference", ort.__version__,
@@ -34,7 +36,7 @@ def create_server(repo: Path, host: str = "127.0.0.1", port: int = 8080,
     load = functools.partial(load_model, providers=chosen, threads=threads)
     models = LiveModels(repo, load, metrics)
     models.refresh()
-    return InferenceServer(InferenceApp(models, metrics, token, max_body_bytes), host, port)
+    return InferenceServer(InferenceApp(models, metrics, token, max_body_bytes), host, port, tls)
 
 
 __all__ = ["TOKEN_ENV", "InferenceServer", "ListenError", "create_server"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,6 +33,7 @@ from edgecl.web import (
     Send,
     authorize,
     error_response,
+    off_loop,
     read_body,
     send_response,
 )
@@ -111,8 +113,8 @@ class InferenceApp:
         body = await read_body(headers, receive, self.max_body_bytes)
         model = self._model(url["task"], url["version"])
         json_length = headers.get(_BINARY_KEY)
-        request = parse_request(body, json_length and json_length.decode("latin-1"),
-                                model.manifest.input)
+        request = await off_loop(body, lambda: parse_request(
+            body, json_length and json_length.decode("latin-1"), model.manifest.input))
         t0 = time.perf_counter()
         logits = model.infer(request.x)
         self.metrics.inference(model.manifest.task, time.perf_counter() - t0)
@@ -137,8 +139,9 @@ class InferenceApp:
 class InferenceServer(HTTPServer):
     """The inference app served by uvicorn; `run()` also hot-reloads the repository."""
 
-    def __init__(self, app: InferenceApp, host: str = "127.0.0.1", port: int = 8080) -> None:
-        super().__init__(app, host, port)
+    def __init__(self, app: InferenceApp, host: str = "127.0.0.1", port: int = 8080,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        super().__init__(app, host, port, tls)
         self.app = app
         self.models = app.models
         self.metrics = app.metrics

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import socketserver
 import threading
 from pathlib import Path
@@ -100,11 +99,3 @@ class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.server_close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def connect(path: Path, timeout: float = 30.0) -> socket.socket:
-    """A client connection to a daemon's socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(str(path))
-    return sock

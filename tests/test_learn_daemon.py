@@ -3,6 +3,7 @@ dir lock, checkpoints and their recovery, the unix socket."""
 
 import os
 import stat
+import subprocess
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from learn_helpers import (
     wait_learned,
 )
 
+from edgecl.config import build_config
 from edgecl.learn.daemon import Daemon, DaemonError
 from edgecl.learn.schema import BINARY_TYPE
 from edgecl.learn.unixsocket import SocketSource
@@ -201,3 +203,42 @@ def test_unix_socket_acks_each_line_and_is_private(tmp_path):
         source.stop()
         daemon.stop()
     assert not path.exists()
+
+
+def test_a_full_disk_is_a_507_that_accepts_nothing_and_passes(tmp_path):
+    """The state dir on a 3 MB tmpfs: ingest fills it, gets 507s that accept nothing, learning
+    and the daemon go on; once there is room again, samples are accepted again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        cfg = build_config({
+            "seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [4]},
+            "method": {"name": "finetune"},
+            "stream": {"input_shape": [1000], "classes": ["a", "b"], "head": "shared",
+                       "max_tasks": 2, "batch_size": 10},
+            "learn": {"checkpoint_every": 100}})
+        daemon = Daemon(cfg, disk / "state")
+        with running(daemon) as server:
+            x = np.ones((50, 1000), dtype=np.float32)
+            header = orjson.dumps({"task": "a", "y": [0] * 50}) + b"\n"
+            statuses = []
+            for _ in range(40):  # 200 KB a request: the disk is full well before the end
+                status, body, _ = call(server, "POST", "/v1/samples", header + x.tobytes(),
+                                       {"Content-Type": BINARY_TYPE})
+                statuses.append(status)
+                if status == 507:
+                    assert "nothing was accepted" in body["error"]
+            assert 202 in statuses and 507 in statuses
+            accepted = daemon.status()["accepted"]
+            assert accepted == 50 * statuses.count(202)
+            assert call(server, "GET", "/healthz")[0] == 200 and daemon.alive
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+            status, _, _ = call(server, "POST", "/v1/samples", header + x.tobytes(),
+                                {"Content-Type": BINARY_TYPE})
+            assert status == 202 and daemon.status()["accepted"] == accepted + 50
+            wait_learned(daemon, accepted + 50 - 10)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

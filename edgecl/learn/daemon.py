@@ -90,6 +90,7 @@ class Daemon:
         self.rejected = 0
         self.lost = 0  # records truncated from the journal that no checkpoint holds
         self.last_checkpoint: dict[str, Any] | None = None
+        self.checkpoint_failures = 0
         self.learning = self._restore()
         self.learning.on_consolidated = self._consolidated
         self.replay_target = self.journal.last_seq
@@ -219,8 +220,12 @@ class Daemon:
                 last_record_s = now
             if (self.learning.learned - last_checkpoint_learned >= cfg.checkpoint_every
                     or now - last_checkpoint_s >= cfg.checkpoint_seconds):
-                self._save_checkpoint(self.learning)
                 last_checkpoint_s, last_checkpoint_learned = now, self.learning.learned
+                try:
+                    self._save_checkpoint(self.learning)
+                except OSError as e:  # a full disk: learning goes on, the journal keeps all
+                    self.checkpoint_failures += 1
+                    log.error("checkpoint failed (will retry): %s", e)
             if not chunks:
                 learning = self.learning
                 if learning.pending and now - last_record_s > cfg.flush_idle_s \
@@ -292,6 +297,7 @@ class Daemon:
             "method": self.cfg.method.name, "device": str(learning.learner.device),
             "last_checkpoint": self.last_checkpoint,
             "corrupt_checkpoints": self.checkpoints.corrupt,
+            "checkpoint_failures": self.checkpoint_failures,
             "footprint": self.footprint,
             "publish": self.publisher.status() if self.publisher else None,
             "uptime_s": time.time() - self.started_at,

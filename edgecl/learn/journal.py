@@ -212,7 +212,11 @@ class Journal:
     def truncate(self, through_seq: int) -> None:
         """Drop the chunks whose seqs all lie at or before `through_seq` (a checkpoint holds
         their effect)."""
-        self._reader_db.execute("DELETE FROM chunks WHERE seq + count - 1 <= ?", (through_seq,))
+        try:
+            self._reader_db.execute("DELETE FROM chunks WHERE seq + count - 1 <= ?",
+                                    (through_seq,))
+        except sqlite3.Error as e:  # a full disk: the next checkpoint truncates again
+            raise JournalError(f"cannot truncate the journal: {e}") from None
 
     def close(self) -> None:
         self._queue.put(None)

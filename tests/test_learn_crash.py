@@ -117,32 +117,37 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, broker):
         "learn": {"holdout": 0.1, "checkpoint_every": 40, "keep_checkpoints": 10_000,
                   "flush_idle_s": 0.5}}))
     daemon = DaemonProcess(config, tmp_path / "state", free_port(), broker)
-    daemon.start()
-    daemon.wait_up()
-    mqtt_client = Client(broker)
-    plan = list(chunks([("http", "site-a", 0, 600), ("http", "site-b", 1, 600),
-                        ("mqtt", "site-c", 2, 400)]))
-    rng = random.Random(SEED)
-    kill_after = set(rng.sample(range(len(plan)), KILLS))
-    killer = None
-    for i, chunk in enumerate(plan):
-        send(daemon, mqtt_client, *chunk)
-        if i in kill_after:  # a few ms later: ingest, a step, a checkpoint or replay under way
-            if killer is not None:
-                killer.join()
-                daemon.wait_up()
-            killer = daemon.restart_after(rng.uniform(0.0, 0.05))
-    killer.join()
-    mqtt_client.close()
-    daemon.wait_up()
-    assert daemon.kills == KILLS
-    deadline = time.monotonic() + 60
-    while (s := daemon.status())["journal"]["lag"] or s["learned"] < s["accepted"]:
-        assert time.monotonic() < deadline, s
-        time.sleep(0.1)
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(60) == 0
-    assert s["learned"] == s["accepted"] >= 1600  # a resent chunk is journaled twice
+    try:
+        daemon.start()
+        daemon.wait_up()
+        mqtt_client = Client(broker)
+        plan = list(chunks([("http", "site-a", 0, 600), ("http", "site-b", 1, 600),
+                            ("mqtt", "site-c", 2, 400)]))
+        rng = random.Random(SEED)
+        kill_after = set(rng.sample(range(len(plan)), KILLS))
+        killer = None
+        for i, chunk in enumerate(plan):
+            send(daemon, mqtt_client, *chunk)
+            if i in kill_after:  # a few ms later: ingest, a step, a checkpoint or replay under way
+                if killer is not None:
+                    killer.join()
+                    daemon.wait_up()
+                killer = daemon.restart_after(rng.uniform(0.0, 0.05))
+        killer.join()
+        mqtt_client.close()
+        daemon.wait_up()
+        assert daemon.kills == KILLS
+        deadline = time.monotonic() + 60
+        while (s := daemon.status())["journal"]["lag"] or s["learned"] < s["accepted"]:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.1)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(60) == 0
+        assert s["learned"] == s["accepted"] >= 1600  # a resent chunk is journaled twice
+
+    finally:
+        daemon.proc.kill()  # a failed test leaves no daemon behind (a no-op after exit)
+        daemon.proc.wait(30)
 
     kept = Journal(tmp_path / "state" / "journal.sqlite3", max_tasks=3)
     journal = kept.read(0, 1_000_000)

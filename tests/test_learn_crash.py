@@ -21,7 +21,7 @@ from test_learn_mqtt import Client
 
 from edgecl.config import load_config
 from edgecl.learn.client import LearnClient, LearnError
-from edgecl.learn.journal import Journal
+from edgecl.learn.journal import SAMPLE, Journal
 from edgecl.learn.loop import replay
 from edgecl.learn.schema import schema_for
 from edgecl.learn.state import CheckpointStore
@@ -165,6 +165,7 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, broker):
         torch.set_num_threads(threads)
     final = CheckpointStore(tmp_path / "state" / "checkpoints", 10_000).restore("cpu")
     state = final.meta["learning"]
-    assert state["learned"] == uninterrupted.learned == s["accepted"]
+    samples = sum(c.count for c in journal if c.kind == SAMPLE)  # an MQTT redelivery may
+    assert state["learned"] == uninterrupted.learned == samples >= s["accepted"]  # come late
     assert state["applied"] == uninterrupted.applied  # each seq once, in journal order
     assert_same_state(final.learner.state_dict(), uninterrupted.learner.state_dict())

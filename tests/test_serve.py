@@ -60,9 +60,9 @@ def learner(exported):
 
 
 @contextlib.contextmanager
-def running(repo, **options):
+def running(repo, poll_s=0.05, **options):
     server = create_server(repo, port=0, **options)
-    thread = threading.Thread(target=server.run, args=(0.05,), daemon=True)
+    thread = threading.Thread(target=server.run, args=(poll_s,), daemon=True)
     thread.start()
     try:
         wait_for(lambda: server.started, "the server to start")
@@ -568,18 +568,9 @@ def test_cli_refuses_a_token_file_that_is_not_utf8(repo, tmp_path):
 # --- model rollback: a version marked BAD or removed stops serving within one poll ---------------
 
 
-@contextlib.contextmanager
 def polled_by_hand(repo):
     """A server whose poller never fires on its own: each `server.models.refresh()` is one poll."""
-    server = create_server(repo, port=0)
-    thread = threading.Thread(target=server.run, args=(3600.0,), daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, "the server to start")
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(WAIT_S)
+    return running(repo, poll_s=3600.0)
 
 
 def mark_bad(repo, task, version, reason=""):

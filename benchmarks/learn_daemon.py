@@ -1,7 +1,8 @@
 """`edgecl learn` end to end: durable ingest, learner throughput, RSS, recovery after SIGKILL.
 
     .venv/bin/python benchmarks/learn_daemon.py [--seconds 10] [--rss-samples 200000]
-        [--lags 1000 10000 50000] [--methods finetune gem] [--parts ...] [--out result.json]
+        [--lags 1000 10000 50000] [--methods finetune gem] [--parts ...] [--burners N]
+        [--out result.json]
 
 Runs the daemon as a subprocess (`edgecl learn --config CFG --state-dir DIR --port 0
 --threads 1`, one temp state dir per daemon, its JSON log lines in a temp file) on the pmnist
@@ -45,8 +46,10 @@ its own, the daemon runs with `--threads 1`, so both learn on one torch thread. 
    it), to /readyz 200 and to `learned == accepted` again. The replay is ready - listening
    (insensitive to the noisy process start); L = 0 is the cost of a bare start + restore.
 
-Results are printed as tables and, with --out, written as JSON. Everything runs against temp
-dirs that are removed at the end (--keep keeps them), and every daemon is killed in `finally`.
+With --burners N, N busy-looping processes run beside all of it: a device whose cores also
+serve and read sensors. Results are printed as tables and, with --out, written as JSON.
+Everything runs against temp dirs that are removed at the end (--keep keeps them), and every
+daemon is killed in `finally`.
 All waits are bounded by --timeout-s. Defaults take about 5 minutes on a 2-core machine.
 """
 
@@ -72,6 +75,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from threads import burners  # benchmarks/threads.py: busy-looping processes
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = "application/vnd.edgecl.samples"
@@ -634,6 +638,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bound on each wait (default 300 s; bench runs get 4x)")
     parser.add_argument("--edgecl", default=str(ROOT / ".venv" / "bin" / "edgecl"),
                         help="the edgecl executable (default: .venv/bin/edgecl)")
+    parser.add_argument("--burners", type=int, default=0,
+                        help="busy-looping processes beside everything measured (default 0: "
+                             "as the machine is; 1 per core: a loaded device)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temp dir (state dirs, configs, daemon logs)")
@@ -650,6 +657,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lags must be >= 0")
     if not Path(args.edgecl).exists() and shutil.which(args.edgecl) is None:
         parser.error(f"--edgecl: {args.edgecl} not found")
+    if args.burners < 0:
+        parser.error("--burners must be >= 0")
     return args
 
 
@@ -662,17 +671,20 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv, "cpus": os.cpu_count(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]}
     tmp = Path(tempfile.mkdtemp(prefix="edgecl-learn-bench-"))
+    results["burners"] = args.burners
     try:
         data = Pmnist()
-        for part in PARTS:
-            if part not in args.parts:
-                continue
-            p0 = time.perf_counter()
-            print(f"[{time.perf_counter() - t0:6.1f} s] {part} ...", file=sys.stderr, flush=True)
-            fn = {"ingest": part_ingest, "learner": part_learner, "rss": part_rss,
-                  "recovery": part_recovery}[part]
-            results[part] = fn(args, data, tmp)
-            results.setdefault("part_seconds", {})[part] = time.perf_counter() - p0
+        with burners(args.burners):  # other work on the device's cores, if asked for
+            for part in PARTS:
+                if part not in args.parts:
+                    continue
+                p0 = time.perf_counter()
+                print(f"[{time.perf_counter() - t0:6.1f} s] {part} ...", file=sys.stderr,
+                      flush=True)
+                fn = {"ingest": part_ingest, "learner": part_learner, "rss": part_rss,
+                      "recovery": part_recovery}[part]
+                results[part] = fn(args, data, tmp)
+                results.setdefault("part_seconds", {})[part] = time.perf_counter() - p0
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -684,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     results["total_s"] = time.perf_counter() - t0
     print(report(results))
-    print(f"\ntotal {results['total_s']:.0f} s; load average {' '.join(results['loadavg_start'])}"
+    print(f"\n{args.burners} busy-looping process(es) beside it; total "
+          f"{results['total_s']:.0f} s; load average {' '.join(results['loadavg_start'])}"
           f" at start, {' '.join(results['loadavg_end'])} at end ({results['cpus']} CPUs)")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="edgecl: on-device continual learning. Learn every task in one pass, "
                        "forget none, serve a fast per-task model.")
 console = Console(stderr=True)
+LEARN_TOKEN_ENV = "EDGECL_LEARN_TOKEN"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -245,7 +246,6 @@ def serve(
     'Authorization: Bearer <token>'.
     """
     import logging
-    import os
     import signal
     import threading
 
@@ -255,9 +255,7 @@ def serve(
     if not repo.is_dir():
         fail(f"{repo}: no such model repository (create one with `edgecl export`)")
     tls = _tls(tls_cert, tls_key)
-    token = _read_token(token_file) if token_file else os.environ.get(TOKEN_ENV)
-    if token is not None and not token:
-        fail(f"${TOKEN_ENV} is set but empty")
+    token = _token(token_file, TOKEN_ENV)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         server = create_server(repo, host, port, providers.split(",") if providers else None,
@@ -324,7 +322,6 @@ def learn(
     checkpoint, exit 0. See GET /openapi.json for the API.
     """
     import logging
-    import os
     import signal
     import threading
 
@@ -337,9 +334,7 @@ def learn(
     if mqtt and not device:
         fail("--mqtt needs --device NAME (the topic is edgecl/<device>/samples)")
     tls = _tls(tls_cert, tls_key)
-    token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
-    if token is not None and not token:
-        fail("$EDGECL_LEARN_TOKEN is set but empty")
+    token = _token(token_file, LEARN_TOKEN_ENV)
     try:
         cfg = load_config(config)
     except ConfigError as e:
@@ -433,14 +428,13 @@ def replay(
     Waits for the daemon to be ready, sends every chosen task's training samples in order
     (ending each task), then waits until the daemon has learned them all.
     """
-    import os
     import time
 
     from edgecl.data import BenchmarkError, load_benchmark
     from edgecl.learn.client import LearnClient, LearnError
 
     name = source.removeprefix("embedded:")
-    token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
+    token = _token(token_file, LEARN_TOKEN_ENV)
     try:
         bench = load_benchmark(name, samples_per_task=samples_per_task, seed=seed)
         chosen = _choose_tasks(bench.tasks, tasks)
@@ -486,11 +480,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print /v1/status as JSON.")] = False,
 ) -> None:
     """What a running `edgecl learn` knows: counts, lag, and each task's held-out accuracy."""
-    import os
 
     from edgecl.learn.client import LearnClient, LearnError
 
-    token = _read_token(token_file) if token_file else os.environ.get("EDGECL_LEARN_TOKEN")
+    token = _token(token_file, LEARN_TOKEN_ENV)
     try:
         with LearnClient(to, token) as client:
             s = client.status()
@@ -564,6 +557,16 @@ def _tls(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
     if (cert is None) != (key is None):
         fail("--tls-cert and --tls-key go together")
     return (cert, key) if cert and key else None
+
+
+def _token(path: Path | None, env: str) -> str | None:
+    """The bearer token: from the file, else from $env, else none (an empty one is refused)."""
+    import os
+
+    token = _read_token(path) if path else os.environ.get(env)
+    if token is not None and not token:
+        fail(f"${env} is set but empty")
+    return token
 
 
 def _read_token(path: Path) -> str:

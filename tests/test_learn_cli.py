@@ -79,18 +79,22 @@ def test_a_signal_checkpoints_and_exits_0(tmp_path, sig):
     proc = subprocess.Popen([str(EDGECL), "learn", "--config", "models/finetune.yaml",
                              "--state-dir", str(tmp_path / "state"), "--port", "0"],
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
-    for line in proc.stderr:  # the daemon says where it listens once it is up
-        if "listening on" in line:
-            url = re.search(r"http://[0-9.:]+", line)[0]
-            break
-    bench = load_benchmark("pmnist", n_tasks=1, samples_per_task=25)
-    with LearnClient(url) as client:
-        client.send_many("task00", bench.tasks[0].x_train.numpy(), bench.tasks[0].y_train)
-        client.flush()
-        while client.status()["learned"] < 20:  # two batches learned, the rest pending
-            time.sleep(0.05)
-    proc.send_signal(sig)
-    assert proc.wait(60) == 0
+    try:
+        for line in proc.stderr:  # the daemon says where it listens once it is up
+            if "listening on" in line:
+                url = re.search(r"http://[0-9.:]+", line)[0]
+                break
+        bench = load_benchmark("pmnist", n_tasks=1, samples_per_task=25)
+        with LearnClient(url) as client:
+            client.send_many("task00", bench.tasks[0].x_train.numpy(), bench.tasks[0].y_train)
+            client.flush()
+            while client.status()["learned"] < 20:  # two batches learned, the rest pending
+                time.sleep(0.05)
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()  # a failed test leaves no daemon behind (a no-op after exit)
+        proc.wait(30)
     newest = CheckpointStore(tmp_path / "state" / "checkpoints", 10).paths()[-1]
     assert 20 <= int(newest.name.split("-")[1]) < 25  # the shutdown checkpoint, after 2 batches
 

@@ -117,15 +117,15 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, broker):
         "learn": {"holdout": 0.1, "checkpoint_every": 40, "keep_checkpoints": 10_000,
                   "flush_idle_s": 0.5}}))
     daemon = DaemonProcess(config, tmp_path / "state", free_port(), broker)
+    daemon.start()
+    killer = None
     try:
-        daemon.start()
         daemon.wait_up()
         mqtt_client = Client(broker)
         plan = list(chunks([("http", "site-a", 0, 600), ("http", "site-b", 1, 600),
                             ("mqtt", "site-c", 2, 400)]))
         rng = random.Random(SEED)
         kill_after = set(rng.sample(range(len(plan)), KILLS))
-        killer = None
         for i, chunk in enumerate(plan):
             send(daemon, mqtt_client, *chunk)
             if i in kill_after:  # a few ms later: ingest, a step, a checkpoint or replay under way
@@ -146,6 +146,8 @@ def test_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, broker):
         assert s["learned"] == s["accepted"] >= 1600  # a resent chunk is journaled twice
 
     finally:
+        if killer is not None:
+            killer.join()  # it may be about to start one more daemon
         daemon.proc.kill()  # a failed test leaves no daemon behind (a no-op after exit)
         daemon.proc.wait(30)
 

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.journal import JournalError
+from edgecl.learn.journal import JOURNAL_RETRY_S, JournalError
 from edgecl.learn.openapi import OPENAPI
 from edgecl.learn.schema import SampleError, parse_body
 from edgecl.web import (
@@ -124,8 +124,8 @@ class IngestApp:
             retry = str(max(1, round(e.retry_after_s))).encode()
             raise RequestError(429, str(e), headers=((b"retry-after", retry),)) from None
         except JournalError as e:
-            raise RequestError(507, f"the journal cannot be written ({e}); nothing was "
-                                    "accepted", headers=((b"retry-after", b"5"),)) from None
+            retry = str(JOURNAL_RETRY_S).encode()
+            raise RequestError(507, str(e), headers=((b"retry-after", retry),)) from None
         return json_response(202, {"first_seq": appended.first_seq, "count": appended.count})
 
     def _refused(self, e: SampleError) -> RequestError:

@@ -152,7 +152,8 @@ class Journal:
             log.error("journal write failed: %s", e)
             if self._writer_db.in_transaction:
                 self._writer_db.execute("ROLLBACK")
-            results = [JournalError(str(e)) if isinstance(r, Appended) else r for r in results]
+            refused = JournalError(f"the journal cannot be written ({e}); nothing was accepted")
+            results = [refused if isinstance(r, Appended) else r for r in results]
         else:
             with self._lock:
                 self._last_seq, self.accepted = seq, accepted
@@ -237,6 +238,9 @@ def _chunk(seq: int, count: int, kind: int, task: str, y: bytes | None, x: bytes
     # writable copies (bytearray): torch takes views of them without a warning
     return Chunk(seq, count, kind, task, np.frombuffer(bytearray(y), dtype="<i8"),
                  np.frombuffer(bytearray(x), dtype="<f4").reshape(count, -1))
+
+
+JOURNAL_RETRY_S = 5  # what ingest tells a client to wait after a JournalError
 
 
 class JournalError(OSError):

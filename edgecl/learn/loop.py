@@ -67,9 +67,9 @@ class HoldoutSet:
 
     def state_dict(self) -> dict[str, Any]:
         """The filled part of each task's ring (copies: a view would save the whole buffer)."""
-        return {task: {"x": self.x[s, :n].clone(), "y": self.y[s, :n].clone(),
-                       "filled": int(self.filled[s])}
-                for task, s in self.slots.items() for n in [self.counts()[task]]}
+        counts = self.counts()
+        return {task: {"x": self.x[s, :counts[task]].clone(), "y": self.y[s, :counts[task]].clone(),
+                       "filled": int(self.filled[s])} for task, s in self.slots.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.slots = {}
@@ -90,6 +90,10 @@ class Piece:
     x: np.ndarray
     y: np.ndarray
     held: np.ndarray  # bool per sample: held out, not trained on
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.y) - 1
 
 
 class Learning:
@@ -123,9 +127,7 @@ class Learning:
     @property
     def read_seq(self) -> int:
         """The last seq taken (applied or pending)."""
-        if not self.pending:
-            return self.offset
-        return self.pending[-1].first + len(self.pending[-1].y) - 1
+        return self.pending[-1].last if self.pending else self.offset
 
     def take(self, chunk: Chunk) -> None:
         """Process the next journal chunk; seqs up to `read_seq` in it were taken before."""
@@ -165,8 +167,7 @@ class Learning:
         pieces, task = self.pending, self.pending_task
         self.pending, self.pending_task, self.pending_train = [], None, 0
         self._apply(pieces, task)
-        last = pieces[-1].first + len(pieces[-1].y) - 1
-        self._advance([f"{p.first}-{p.first + len(p.y) - 1}" for p in pieces], last)
+        self._advance([f"{p.first}-{p.last}" for p in pieces], pieces[-1].last)
 
     def _advance(self, ranges: list[str], offset: int) -> None:
         """Chain the seq ranges just applied into `applied`; move the offset."""

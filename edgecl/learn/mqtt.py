@@ -50,7 +50,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.journal import Appended, JournalError
+from edgecl.learn.journal import JOURNAL_RETRY_S, Appended, JournalError
 from edgecl.learn.schema import SampleError, parse_body
 
 log = logging.getLogger("edgecl.learn")
@@ -59,7 +59,7 @@ RECEIVE_MAXIMUM = 64  # unacked QoS 1 messages the broker may have in flight to 
 SESSION_EXPIRY_S = 0xFFFFFFFF  # MQTT 5: the session never expires
 KEEPALIVE_S = 30
 RECONNECT_DELAY_S = (1, 30)  # paho's reconnect backoff: min, max
-JOURNAL_RETRY_S = 5.0
+
 POLL_S = 0.2  # how often waiting threads look at the stop flag
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgecl.atomic import fsync_dir, temp_path
+from edgecl.atomic import atomic_open_named
 from edgecl.checkpoint import checkpoint_payload, learner_from_payload, read_checkpoint
 from edgecl.learners import Learner
 from edgecl.serve.repository import sha256_of
@@ -66,20 +65,16 @@ class CheckpointStore:
 
     def save(self, learner: Learner, meta: dict[str, Any], offset: int) -> Path:
         """Write a checkpoint at journal `offset`; keep only the newest `keep`."""
-        tmp = temp_path(self.folder, ".ckpt-", ".tmp")
-        try:
-            with open(tmp, "xb") as f:
-                hashing = _HashingWriter(f)
-                torch.save(checkpoint_payload(learner, {**meta, "offset": offset}), hashing)
-                f.flush()
-                os.fsync(f.fileno())
-            path = self.folder / f"ckpt-{offset:012d}-{hashing.sha256.hexdigest()}.pt"
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        fsync_dir(self.folder)
+        hashing: _HashingWriter | None = None
+
+        def name() -> str:
+            assert hashing is not None
+            return f"ckpt-{offset:012d}-{hashing.sha256.hexdigest()}.pt"
+
+        with atomic_open_named(self.folder, name) as f:
+            hashing = _HashingWriter(f)
+            torch.save(checkpoint_payload(learner, {**meta, "offset": offset}), hashing)
+        path = self.folder / name()
         for old in self.paths()[:-self.keep]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()

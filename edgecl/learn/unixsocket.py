@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.journal import JournalError
+from edgecl.learn.journal import JOURNAL_RETRY_S, JournalError
 from edgecl.learn.schema import SampleError, json_records, parse_records
 from edgecl.web import json_may_hold_booleans
 
@@ -43,8 +43,7 @@ def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
     except Backpressure as e:
         return {"error": str(e), "status": 429, "retry_after": e.retry_after_s}
     except JournalError as e:
-        return {"error": f"the journal cannot be written ({e}); nothing was accepted",
-                "status": 507, "retry_after": 5}
+        return {"error": str(e), "status": 507, "retry_after": JOURNAL_RETRY_S}
     return {"first_seq": appended.first_seq, "count": appended.count}
 
 

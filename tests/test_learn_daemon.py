@@ -124,6 +124,7 @@ def test_a_state_dir_of_another_config_is_refused(tmp_path):
     Daemon(stream_config("finetune"), tmp_path / "state").stop()
     with pytest.raises(DaemonError, match="another config"):
         Daemon(stream_config("ewc"), tmp_path / "state")
+    Daemon(stream_config("finetune"), tmp_path / "state").stop()  # the refusal let go the lock
 
 
 def test_restart_restores_the_checkpoint_and_replays_the_journal(tmp_path):

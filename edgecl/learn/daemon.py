@@ -91,13 +91,17 @@ class Daemon:
         self.lost = 0  # records truncated from the journal that no checkpoint holds
         self.last_checkpoint: dict[str, Any] | None = None
         self.checkpoint_failures = 0
-        self.learning = self._restore()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edgecl-learn")
+        try:
+            self.learning = self._restore()
+        except BaseException:  # a refused state dir: release the lock and the threads now
+            self.stop()
+            raise
         self.learning.on_consolidated = self._consolidated
         self.replay_target = self.journal.last_seq
         self.footprint = self.learning.learner.footprint().to_dict()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="edgecl-learn")
         self.started_at = time.time()
 
     # --- start and stop --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from edgecl.config import Config, ConfigError
 from edgecl.data import Benchmark, load_benchmark
 from edgecl.learners import Learner, LearnerSpec, build_learner
 from edgecl.metrics import summarize
+from edgecl.nets import check_input_shape
 from edgecl.report import plot_accuracy_matrix
 
 EVAL_BATCH = 1000
@@ -27,7 +28,8 @@ Progress = Callable[[int, str], None]  # (samples just learned, task id)
 def load_config_benchmark(cfg: Config) -> Benchmark:
     b = cfg.benchmark
     return load_benchmark(b.name, n_tasks=b.n_tasks, samples_per_task=b.samples_per_task,
-                          seed=cfg.seed, data_dir=b.data_dir)
+                          seed=cfg.seed, data_dir=b.data_dir,
+                          validation=b.evaluate_on == "validation")
 
 
 def learner_spec(cfg: Config, bench: Benchmark) -> LearnerSpec:
@@ -35,6 +37,7 @@ def learner_spec(cfg: Config, bench: Benchmark) -> LearnerSpec:
     max_tasks = cfg.max_tasks or n_tasks
     if max_tasks < n_tasks:
         raise ConfigError(f"max_tasks: {max_tasks} is fewer than the benchmark's {n_tasks} tasks")
+    check_input_shape(cfg.net, bench.input_shape)
     head = bench.head if cfg.head == "auto" else cfg.head
     return LearnerSpec(cfg, bench.input_shape, bench.n_classes, head, max_tasks)
 

@@ -68,11 +68,16 @@ class MemoryConfig(_Strict):
 
 
 class BenchmarkConfig(_Strict):
+    """`n_tasks` / `samples_per_task` of None: the benchmark's default ("all": every sample)."""
+
     name: str = "pmnist"
     n_tasks: PositiveInt | None = None
-    samples_per_task: PositiveInt | None = None
+    samples_per_task: PositiveInt | Literal["all"] | None = None
     batch_size: PositiveInt = 10
     data_dir: str | None = None
+    # "validation": train on 7/8 of the training split, evaluate on the held-out 1/8 (never on
+    # the test split): how hyper-parameters are chosen (benchmarks/sweep.py).
+    evaluate_on: Literal["test", "validation"] = "test"
 
 
 class StreamConfig(_Strict):
@@ -212,10 +217,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
     Overriding the method's name with another method drops the preset's method parameters and
     optimiser, which belong to the preset's method: the new method runs with its own defaults.
+    Likewise another benchmark drops the preset's `n_tasks` and `samples_per_task`: a preset's
+    20 x 1,000 describe its own benchmark, not a user's file.
     """
     data = read_yaml(path) if path else {}
     overrides = overrides or {}
     new_method = overrides.get("method", {}).get("name")
     if new_method and new_method != _method_name(data):
         data = {k: v for k, v in data.items() if k not in ("method", "optimizer")}
+    preset_bench = data.get("benchmark")
+    new_bench = overrides.get("benchmark", {}).get("name")
+    if isinstance(preset_bench, dict) and new_bench and new_bench != preset_bench.get("name"):
+        counts = ("n_tasks", "samples_per_task")
+        data = {**data, "benchmark": {k: v for k, v in preset_bench.items() if k not in counts}}
     return build_config(deep_merge(data, overrides), str(path) if path else "config")

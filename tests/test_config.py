@@ -67,6 +67,18 @@ def test_overrides_merge_and_a_new_method_drops_the_presets_method_params(tmp_pa
     assert same.method.params == {"warm_start": True}
 
 
+def test_another_benchmark_drops_the_presets_task_counts(tmp_path):
+    p = write(tmp_path, "benchmark: {name: basicmotions, n_tasks: 6, samples_per_task: 1000, "
+                        "batch_size: 20}")
+    own = load_config(p, {"benchmark": {"name": "file:x.npz"}})
+    assert (own.benchmark.n_tasks, own.benchmark.samples_per_task) == (None, None)
+    assert own.benchmark.batch_size == 20  # not a count of the preset's data: kept
+    given = load_config(p, {"benchmark": {"name": "file:x.npz", "samples_per_task": "all"}})
+    assert given.benchmark.samples_per_task == "all"
+    same = load_config(p, {"benchmark": {"name": "basicmotions"}})
+    assert (same.benchmark.n_tasks, same.benchmark.samples_per_task) == (6, 1000)
+
+
 def test_a_method_brings_its_tuned_optimizer_unless_the_config_states_one(tmp_path):
     assert load_config(overrides={"method": {"name": "wsn"}}).optimizer.name == "adam"
     assert load_config(overrides={"method": {"name": "finetune"}}).optimizer.lr == 0.03

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgecl.data import BENCHMARKS, Benchmark, BenchmarkError, load_benchmark
-from edgecl.data.common import task_rng
+from edgecl.data.common import Split, task_rng
 from edgecl.data.digits import _embedded
 from edgecl.data.mnist1d import _generated
 from edgecl.data.rotmnist import rotate
@@ -256,6 +256,45 @@ def test_file_head_and_classes(tmp_path):
     assert b.tasks[0].classes == ("cat", "dog", "cow", "pig", "hen")
 
 
+def test_file_string_labels_in_natural_order(tmp_path):
+    arrays = npz_tasks(2)
+    names = np.array(["10", "2", "walk10", "walk2"])  # numpy's sort: "10" < "2" < "walk10"
+    keys = ("task0_y_train", "task0_y_test", "task1_y_train", "task1_y_test")
+    for key in keys:
+        arrays[key] = names[arrays[key]]
+    arrays["task1_y_train"] = arrays["task1_y_train"].astype("S")  # bytes decode as UTF-8
+    b = load_benchmark(f"file:{save(tmp_path, arrays)}")
+    assert b.n_classes == 4 and b.tasks[0].classes == ("2", "10", "walk2", "walk10")
+    for key, y in zip(keys, [y for t in b.tasks for y in (t.y_train, t.y_test)], strict=True):
+        assert [b.tasks[0].classes[k] for k in y.tolist()] == names[npz_tasks(2)[key]].tolist()
+
+    arrays["classes"] = np.array(["walk2", "walk10", "2", "10"])  # given: its order wins
+    b = load_benchmark(f"file:{save(tmp_path, arrays)}")
+    assert b.tasks[1].classes == ("walk2", "walk10", "2", "10")
+    assert b.tasks[0].y_test.tolist() == [
+        ["walk2", "walk10", "2", "10"].index(v) for v in arrays["task0_y_test"]]
+    arrays["classes"] = np.array(["walk2", "walk10", "2"])
+    with pytest.raises(BenchmarkError, match="has label '10', which 'classes' does not name"):
+        load_benchmark(f"file:{save(tmp_path, arrays)}")
+
+
+def test_file_per_task_string_labels_name_each_head(tmp_path):
+    arrays = npz_tasks(2)
+    for i, pair in enumerate((["standing", "running"], ["walking", "badminton"])):
+        for split in ("train", "test"):
+            key = f"task{i}_y_{split}"
+            arrays[key] = np.array(pair)[arrays[key] % 2]
+    arrays["head"] = np.array("per_task")
+    b = load_benchmark(f"file:{save(tmp_path, arrays)}")
+    assert b.n_classes == 2
+    assert [t.classes for t in b.tasks] == [("running", "standing"), ("badminton", "walking")]
+    assert b.tasks[1].y_train.tolist() == [
+        ("badminton", "walking").index(v) for v in arrays["task1_y_train"]]
+    arrays["task1_y_test"][0] = "jumping"  # task1 now names 3 classes, task0 2
+    with pytest.raises(BenchmarkError, match="task1_y_train' names 3 classes but task0 names 2"):
+        load_benchmark(f"file:{save(tmp_path, arrays)}")
+
+
 def broken(change):
     def build() -> dict[str, np.ndarray]:
         arrays = npz_tasks()
@@ -273,7 +312,11 @@ def broken(change):
     (broken(lambda a: a.update(task1_x_test=np.zeros((7, 6), np.float32))),
      r"key 'task1_x_test' has sample shape \(6,\) but task0_x_train has \(2, 3\)"),
     (broken(lambda a: a.update(task0_y_train=np.zeros(30))),
-     "key 'task0_y_train' must hold integer labels, got dtype float64"),
+     r"key 'task0_y_train' must hold integer class indices or string class names, got dtype "
+     r"float64 \(whole numbers: y\.astype\(np\.int64\); names: y\.astype\(str\)\)"),
+    (broken(lambda a: a.update(task1_y_test=np.array(["a"] * 7))),
+     "key 'task1_y_test' holds class names but task0_y_train holds integer labels: use one"),
+
     (broken(lambda a: a.update(task0_y_test=-np.ones(7, np.int64))),
      "key 'task0_y_test' has negative label -1"),
     (broken(lambda a: a.update(classes=np.array(["a", "b"]))),
@@ -399,3 +442,36 @@ def test_absent_files_name_the_expected_path(monkeypatch, tmp_path, name, expect
     with pytest.raises(BenchmarkError, match="not found: expected torchvision's files") as err:
         load_benchmark(name, data_dir=tmp_path)
     assert str(tmp_path.resolve() / expected) in str(err.value)
+
+
+# --- validation split -------------------------------------------------------------------------
+
+def test_validation_holds_out_whole_groups_of_every_class():
+    y = np.repeat([0, 1], 32)
+    groups = np.repeat(np.arange(32), 2)  # 16 recordings per class, 2 windows each
+    x = np.arange(64, dtype=np.float32)[:, None]
+    split = Split(x, y, x[:1], y[:1], scale=1.0, classes=("a", "b"), source="s", groups=groups)
+    val = split.validation()
+    held = np.flatnonzero(~np.isin(x[:, 0], val.x_train[:, 0]))
+    assert sorted(set(groups[held])) == [7, 15, 23, 31]  # every 8th recording of each class
+    assert sorted(val.x_test[:, 0].tolist()) == held.tolist()
+    assert val.y_test.tolist() == y[held].tolist()
+    assert not set(val.groups) & set(groups[held])
+
+
+def test_validation_runs_never_see_the_test_split():
+    test = load_benchmark("pmnist", n_tasks=2, samples_per_task=100, seed=3)
+    val = load_benchmark("pmnist", n_tasks=2, samples_per_task=100, seed=3, validation=True)
+    assert "validation run" in val.source and "validation" not in test.source
+    for t, v in zip(test.tasks, val.tasks, strict=True):
+        assert len(v.y_test) == 500  # 50 of each digit's 400 training images
+        held = {tuple(row) for row in v.x_test.flatten(1).tolist()}
+        assert not held & {tuple(row) for row in t.x_test.flatten(1).tolist()}
+        assert not held & {tuple(row) for row in v.x_train.flatten(1).tolist()}
+    with pytest.raises(BenchmarkError, match="file: benchmarks have no validation split"):
+        load_benchmark("file:x.npz", validation=True)
+
+
+def test_samples_per_task_all_keeps_every_training_sample():
+    b = load_benchmark("pmnist", n_tasks=1, samples_per_task="all")
+    assert len(b.tasks[0].y_train) == 4000

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from edgecl.config import Conv1dConfig, MLPConfig, ResNetConfig
-from edgecl.nets import build_body, build_task_net
+from edgecl.config import ConfigError, Conv1dConfig, MLPConfig, ResNetConfig
+from edgecl.nets import build_body, build_task_net, check_input_shape
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -27,8 +27,19 @@ def test_reduced_resnet18_has_nf_20_stages():
 def test_conv1d_takes_sensor_windows():
     body, features = build_body(Conv1dConfig(name="conv1d", channels=[8, 16]), (6, 100))
     assert features == 16 and body(torch.rand(4, 6, 100)).shape == (4, 16)
-    with pytest.raises(ValueError, match=r"\[C, L\]"):
+    with pytest.raises(ConfigError, match=r"\[channels, steps\]"):
         build_body(Conv1dConfig(name="conv1d"), (1, 28, 28))
+
+
+def test_conv1d_refuses_windows_in_the_wrong_layout():
+    conv = Conv1dConfig(name="conv1d")
+    with pytest.raises(ConfigError, match=r"more channels \(64\) than steps \(6\).*"
+                                          r"x\.transpose\(0, 2, 1\)"):
+        check_input_shape(conv, (64, 6))  # [steps, channels]: 64 steps of 6 channels
+    with pytest.raises(ConfigError, match=r"no channel axis.*x\[:, None, :\].*\[n, 1, 100\]"):
+        check_input_shape(conv, (100,))
+    check_input_shape(conv, (6, 64))
+    check_input_shape(MLPConfig(), (64, 6))  # an MLP flattens: any layout is learnable
 
 
 def test_width_scale_shrinks_hidden_layers():

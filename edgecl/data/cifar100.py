@@ -17,17 +17,18 @@ from edgecl.data.common import (
     data_root,
     read_vision_splits,
 )
-from edgecl.data.core import Benchmark, BenchmarkError
+from edgecl.data.core import Benchmark, BenchmarkError, SampleCount
 
 _FETCH = "torchvision.datasets.CIFAR100({root!r}, download=True)"
 
 
-def load(n_tasks: int | None, samples_per_task: int | None, seed: int,
-         data_dir: str | Path | None) -> Benchmark:
+def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+         data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 20 tasks x 2,500 images (all), input_shape (3, 32, 32) in [0, 1]."""
     return class_split_benchmark("cifar100", functools.partial(_split, data_dir), max_tasks=20,
                                  classes_per_task=5, n_tasks=n_tasks,
-                                 samples_per_task=samples_per_task, seed=seed)
+                                 samples_per_task=samples_per_task, seed=seed,
+                                 validation=validation)
 
 
 def _split(data_dir: str | Path | None) -> Split:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -12,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgecl.data.core import Benchmark, BenchmarkError, TaskData
+from edgecl.data.core import Benchmark, BenchmarkError, SampleCount, TaskData
 
 DIGIT_CLASSES = tuple(str(k) for k in range(10))
+VALIDATION_EVERY = 8  # every 8th group of each class is validation: 1/8 of the training split
 VISION_HINT = "install it with: pip install 'edgecl[vision]'"
 
 # (task index, n_tasks, input_shape, task rng) -> the task's input transform
@@ -34,10 +36,26 @@ class Split:
     scale: float
     classes: tuple[str, ...]  # name of each global label
     source: str
+    groups: np.ndarray | None = None  # the recording each training sample comes from, if shared
 
     def __post_init__(self) -> None:
         for array in (self.x_train, self.y_train, self.x_test, self.y_test):
             array.setflags(write=False)
+
+    def validation(self) -> Split:
+        """Training on 7/8 of the training split, "testing" on the held-out 1/8: for each class,
+        every 8th of its groups (recordings; one sample each if there are none), so windows cut
+        from one recording never sit on both sides. The test split is not used."""
+        groups = np.arange(len(self.y_train)) if self.groups is None else self.groups
+        held = np.zeros(len(groups), dtype=bool)
+        for c in np.unique(self.y_train):
+            ids = np.unique(groups[self.y_train == c])
+            held |= np.isin(groups, ids[VALIDATION_EVERY - 1::VALIDATION_EVERY])
+        kept = ~held
+        return Split(self.x_train[kept], self.y_train[kept], self.x_train[held],
+                     self.y_train[held], self.scale, self.classes,
+                     f"{self.source}; validation run: {held.sum():,} of the training samples "
+                     "held out and evaluated, the test split unused", groups[kept])
 
     def inputs(self, x: np.ndarray) -> torch.Tensor:
         """A fresh contiguous float32 tensor of ``x / scale``."""
@@ -45,14 +63,27 @@ class Split:
 
 
 def check_count(value: object, default: int, limit: int | None, what: str, where: str) -> int:
-    """Resolve an optional positive count, refusing anything above ``limit``."""
+    """Resolve an optional positive count, refusing anything above ``limit``; ``"all"`` is
+    ``limit`` (or ``default`` when there is no limit)."""
     if value is None:
         return default
+    if value == "all":
+        return default if limit is None else limit
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise BenchmarkError(f"{what} must be a positive integer, got {value!r}")
     if limit is not None and value > limit:
         raise BenchmarkError(f"{what}={value} is more than {where} ({limit:,})")
     return int(value)
+
+
+def natural_order(names: Iterable[str]) -> tuple[str, ...]:
+    """The distinct ``names``, sorted as people number things: numbers by value ("2" < "10",
+    "walk2" < "walk10"), text by code point; ties ("01" and "1") by the names themselves."""
+    def key(name: str) -> tuple[list[str | int], str]:
+        parts = re.split(r"([0-9]+)", name)  # text, digits, text, ...: digits at odd places
+        return [int(p) if i % 2 else p for i, p in enumerate(parts)], name
+
+    return tuple(sorted(set(names), key=key))
 
 
 def task_rng(seed: int, task: int) -> np.random.Generator:
@@ -100,15 +131,15 @@ def read_vision_splits(what: str, dataset: str, root: Path, missing: str) -> tup
 
 
 def transformed_benchmark(name: str, load_split: Callable[[], Split], transform: TaskTransform,
-                          n_tasks: int | None, samples_per_task: int | None,
-                          seed: int) -> Benchmark:
+                          n_tasks: int | None, samples_per_task: SampleCount,
+                          seed: int, validation: bool = False) -> Benchmark:
     """GEM's transformed-input protocol (one shared head), e.g. permuted or rotated MNIST.
 
     Task t draws ``samples_per_task`` training samples in random order from the whole training
     split; its test set is the whole test split; both pass through the task's transform.
     """
     n_tasks = check_count(n_tasks, 20, None, "n_tasks", name)
-    split = load_split()
+    split = load_split().validation() if validation else load_split()
     per_task = check_count(samples_per_task, 1000, len(split.y_train), "samples_per_task",
                            f"{name}'s training split offers")
     input_shape = tuple(split.x_train.shape[1:])
@@ -131,18 +162,19 @@ def transformed_benchmark(name: str, load_split: Callable[[], Split], transform:
 
 def class_split_benchmark(name: str, load_split: Callable[[], Split], *, max_tasks: int,
                           classes_per_task: int, n_tasks: int | None,
-                          samples_per_task: int | None, seed: int) -> Benchmark:
+                          samples_per_task: SampleCount, seed: int,
+                          validation: bool = False) -> Benchmark:
     """GEM's split protocol: task t owns consecutive classes and a per-task head with local labels.
 
     Each task's training samples are all of its classes' samples in seeded random order (or the
     first ``samples_per_task`` of them); its test set is all of its classes' test samples.
     """
     n_tasks = check_count(n_tasks, max_tasks, max_tasks, "n_tasks", f"{name} offers")
-    split = load_split()
+    split = load_split().validation() if validation else load_split()
     groups = [range(t * classes_per_task, (t + 1) * classes_per_task) for t in range(n_tasks)]
     train_idx = [np.flatnonzero(np.isin(split.y_train, g)) for g in groups]
     smallest = min(len(i) for i in train_idx)
-    per_task = None if samples_per_task is None else check_count(
+    per_task = None if samples_per_task in (None, "all") else check_count(
         samples_per_task, smallest, smallest, "samples_per_task",
         f"the smallest {name} task offers")
     tasks = []

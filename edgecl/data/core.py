@@ -13,6 +13,10 @@ class BenchmarkError(ValueError):
     """A benchmark cannot be loaded; the message is one user-facing line."""
 
 
+# Training samples per task: a count, "all" of them, or None for the benchmark's default.
+SampleCount = int | Literal["all"] | None
+
+
 # eq=False: the fields hold tensors, so instances compare (and hash) by identity.
 @dataclass(frozen=True, eq=False)
 class TaskData:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecl.data.common import DIGIT_CLASSES, Split, transformed_benchmark
-from edgecl.data.core import Benchmark
+from edgecl.data.core import Benchmark, SampleCount
 from edgecl.data.pmnist import permutation
 
 
@@ -43,8 +43,8 @@ def _generated() -> Split:
                  source="mnist1d, generated locally (4,000 train / 1,000 test)")
 
 
-def load(n_tasks: int | None, samples_per_task: int | None, seed: int,
-         data_dir: str | Path | None) -> Benchmark:
+def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+         data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 20 tasks x 1,000 sequences, input_shape (1, 40); ``data_dir`` is not used."""
     return transformed_benchmark("mnist1d", _generated, permutation, n_tasks,
-                                 samples_per_task, seed)
+                                 samples_per_task, seed, validation)

@@ -6,8 +6,9 @@ Format (read with ``np.load(path, allow_pickle=False)``; write it with ``np.save
 - ``task{i}_x_train``: numeric array [n, *sample_shape] (bool, integer or float; stored as
   float32, values used as given, no scaling). ``sample_shape`` has at least one dimension and
   is the same for every task and split, e.g. (784,), (1, 28, 28) or (3, 32, 32).
-- ``task{i}_y_train``: integer array [n] of labels >= 0 (below 100,000 unless ``classes``
-  names more).
+- ``task{i}_y_train``: labels [n], either integer class indices >= 0 (below 100,000 unless
+  ``classes`` names more) or class names (a string array, e.g. ``"walking"``); every task uses
+  the same kind.
 - ``task{i}_x_test``, ``task{i}_y_test``: the same for the task's test set.
 - ``task{i}_name`` (optional): 0-d string array, the task id (default ``task{i:02d}``, e.g.
   ``task00``); ids must be unique and name a model folder: up to 128 letters, digits, ``.``,
@@ -17,9 +18,14 @@ Optional keys for the whole file:
 
 - ``head``: 0-d string array, ``"shared"`` (default: one head for all tasks) or ``"per_task"``
   (one head per task; labels are then each task's local labels).
-- ``classes``: 1-d string array of label names; label k means ``classes[k]``. Default names are
-  ``"0"``, ``"1"``, ... The head width ``n_classes`` is ``len(classes)`` if given, else the
-  largest label over all tasks and splits + 1. Every task lists all ``n_classes`` names.
+- ``classes``: 1-d string array of label names; label k (or the name ``classes[k]``) means
+  output k. Default for integer labels: ``"0"``, ``"1"``, ... up to the largest label, and the
+  head width is that label + 1. Default for string labels: the distinct names in natural order
+  (numbers by value, so ``"2"`` comes before ``"10"``; then text by code point), over all tasks
+  with a shared head, or over each task's own names with per-task heads, so a task of two
+  activities gets a 2-way head naming them (every task must then have as many names; give
+  ``classes`` otherwise). Either way the mapping depends only on the set of names, never on the
+  order samples arrive in.
 
 Every split must hold at least one sample, every x must be finite in float32, and any other key
 is an error. Training samples are streamed in stored order. ``n_tasks`` keeps the first tasks;
@@ -38,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edgecl.data.common import check_count, one_line, task_name
+from edgecl.data.common import check_count, natural_order, one_line, task_name
 from edgecl.data.core import Benchmark, BenchmarkError, TaskData
 
 _TASK_KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name)")
@@ -51,9 +57,10 @@ _EXPECTED = ("task{i}_x_train, task{i}_y_train, task{i}_x_test, task{i}_y_test, 
 class _Task(NamedTuple):
     name: str
     x_train: np.ndarray
-    y_train: np.ndarray
+    y_train: np.ndarray  # int64 indices, or str names until _encode_names maps them
     x_test: np.ndarray
     y_test: np.ndarray
+    classes: tuple[str, ...] = ()
 
 
 def load(spec: str, n_tasks: int | None, samples_per_task: int | None) -> Benchmark:
@@ -80,21 +87,25 @@ def load(spec: str, n_tasks: int | None, samples_per_task: int | None) -> Benchm
     names = _classes(path, arrays.get("classes"))
     raw = [_task(path, i, by_task[i], names) for i in range(len(by_task))]
     _check_tasks(path, raw)
-    n_classes = len(names) if names else 1 + max(int(y.max()) for t in raw
-                                                 for y in (t.y_train, t.y_test))
-    classes = names or tuple(str(k) for k in range(n_classes))
+    if raw[0].y_train.dtype.kind == "U":
+        raw = _encode_names(path, raw, names, head)
+    else:
+        n_classes = len(names) if names else 1 + max(int(y.max()) for t in raw
+                                                     for y in (t.y_train, t.y_test))
+        classes = names or tuple(str(k) for k in range(n_classes))
+        raw = [t._replace(classes=classes) for t in raw]
 
     kept = raw[:check_count(n_tasks, len(raw), len(raw), "n_tasks", f"{path} holds")]
     smallest = min(len(t.y_train) for t in kept)
-    per_task = None if samples_per_task is None else check_count(
+    per_task = None if samples_per_task in (None, "all") else check_count(
         samples_per_task, smallest, smallest, "samples_per_task",
         f"the smallest task in {path} holds")
     tasks = tuple(
         TaskData(t.name, torch.from_numpy(t.x_train[:per_task]),
                  torch.from_numpy(t.y_train[:per_task]), torch.from_numpy(t.x_test),
-                 torch.from_numpy(t.y_test), classes)
+                 torch.from_numpy(t.y_test), t.classes)
         for t in kept)
-    return Benchmark(spec, tasks, tuple(kept[0].x_train.shape[1:]), n_classes, head,
+    return Benchmark(spec, tasks, tuple(kept[0].x_train.shape[1:]), len(kept[0].classes), head,
                      f"file {path}")
 
 
@@ -197,13 +208,22 @@ def _inputs(path: Path, key: str, x: np.ndarray) -> np.ndarray:
 
 def _labels(path: Path, key: str, y: np.ndarray, n: int, names: tuple[str, ...] | None
             ) -> np.ndarray:
+    """Integer labels as int64 (range-checked), or string labels as a str array."""
     if y.ndim != 1:
         raise _error(path, key, f"must be a 1-d label array [n], got shape {y.shape}")
-    if y.dtype.kind not in "iu":
-        raise _error(path, key, f"must hold integer labels, got dtype {y.dtype} "
-                                "(convert with .astype(np.int64))")
     if len(y) != n:
         raise _error(path, key, f"has {len(y)} labels but its x array has {n} samples")
+    if y.dtype.kind == "S":
+        try:
+            return np.char.decode(y, "utf-8")
+        except UnicodeDecodeError as err:
+            raise _error(path, key, "holds byte strings that are not UTF-8 class names") from err
+    if y.dtype.kind == "U":
+        return y
+    if y.dtype.kind not in "iu":
+        raise _error(path, key, f"must hold integer class indices or string class names, got "
+                                f"dtype {y.dtype} (whole numbers: y.astype(np.int64); names: "
+                                "y.astype(str))")
     if y.min() < 0:  # checked in y's own dtype: uint64 above 2**63 would wrap in int64
         raise _error(path, key, f"has negative label {y.min()} (labels must be >= 0)")
     if names and y.max() >= len(names):
@@ -215,11 +235,45 @@ def _labels(path: Path, key: str, y: np.ndarray, n: int, names: tuple[str, ...] 
     return y.astype(np.int64)
 
 
+def _encode_names(path: Path, tasks: list[_Task], names: tuple[str, ...] | None,
+                  head: str) -> list[_Task]:
+    """String labels -> indices: into ``names`` if given, else into the natural order of the
+    names over all tasks (shared head) or of each task's own names (per-task heads)."""
+    if names is None and head == "shared":
+        names = natural_order(np.concatenate([y for t in tasks for y in (t.y_train, t.y_test)]))
+    out = []
+    for i, task in enumerate(tasks):
+        classes = names or natural_order(np.concatenate([task.y_train, task.y_test]))
+        if len(classes) != len(out[0].classes if out else classes):
+            raise _error(path, f"task{i}_y_train", f"names {len(classes)} classes but task0 "
+                         f"names {len(out[0].classes)}: per-task heads share one width; give a "
+                         "'classes' array naming every label (each head then has one output "
+                         "per name)")
+        index = {c: k for k, c in enumerate(classes)}
+        ys = [_indices(path, f"task{i}_y_{split}", y, index)
+              for split, y in zip(_SPLITS, (task.y_train, task.y_test), strict=True)]
+        out.append(task._replace(y_train=ys[0], y_test=ys[1], classes=classes))
+    return out
+
+
+def _indices(path: Path, key: str, y: np.ndarray, index: dict[str, int]) -> np.ndarray:
+    unknown = sorted(set(y.tolist()) - index.keys())
+    if unknown:
+        raise _error(path, key, f"has label {unknown[0]!r}, which 'classes' does not name "
+                                f"(it names {', '.join(map(repr, index))})")
+    return np.array([index[v] for v in y.tolist()], dtype=np.int64)
+
+
 def _check_tasks(path: Path, tasks: list[_Task]) -> None:
-    """Every x shares task 0's sample shape; task ids are unique."""
+    """Every x shares task 0's sample shape, every y task 0's kind of label; ids are unique."""
     shape = tasks[0].x_train.shape[1:]
+    first = _label_kind(tasks[0].y_train)
     seen: set[str] = set()
     for i, task in enumerate(tasks):
+        for split, y in zip(_SPLITS, (task.y_train, task.y_test), strict=True):
+            if _label_kind(y) != first:
+                raise _error(path, f"task{i}_y_{split}", f"holds {_label_kind(y)} but "
+                                                         f"task0_y_train holds {first}: use one")
         for split, x in zip(_SPLITS, (task.x_train, task.x_test), strict=True):
             if x.shape[1:] != shape:
                 raise _error(path, f"task{i}_x_{split}", f"has sample shape {x.shape[1:]} but "
@@ -227,3 +281,7 @@ def _check_tasks(path: Path, tasks: list[_Task]) -> None:
         if task.name in seen:
             raise _error(path, f"task{i}_name", f"repeats the task id {task.name!r}")
         seen.add(task.name)
+
+
+def _label_kind(y: np.ndarray) -> str:
+    return "class names" if y.dtype.kind == "U" else "integer labels"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edgecl.data.common import transformed_benchmark
-from edgecl.data.core import Benchmark
+from edgecl.data.core import Benchmark, SampleCount
 from edgecl.data.digits import digits
 
 
@@ -22,8 +22,9 @@ def permutation(_task: int, _n_tasks: int, input_shape: tuple[int, ...],
     return lambda x: x.flatten(1)[:, perm].reshape(x.shape)
 
 
-def load(n_tasks: int | None, samples_per_task: int | None, seed: int,
-         data_dir: str | Path | None) -> Benchmark:
+def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+         data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 20 tasks x 1,000 digits; each task's test set is the whole permuted test split."""
     load_split = functools.partial(digits, data_dir)
-    return transformed_benchmark("pmnist", load_split, permutation, n_tasks, samples_per_task, seed)
+    return transformed_benchmark("pmnist", load_split, permutation, n_tasks, samples_per_task, seed,
+                                 validation)

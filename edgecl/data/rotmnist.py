@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.data.common import transformed_benchmark
-from edgecl.data.core import Benchmark
+from edgecl.data.core import Benchmark, SampleCount
 from edgecl.data.digits import digits
 
 
@@ -39,8 +39,9 @@ def rotation(task: int, n_tasks: int, _input_shape: tuple[int, ...],
     return lambda x: rotate(x, degrees)
 
 
-def load(n_tasks: int | None, samples_per_task: int | None, seed: int,
-         data_dir: str | Path | None) -> Benchmark:
+def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+         data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 20 tasks x 1,000 digits; each task's test set is the whole rotated test split."""
     load_split = functools.partial(digits, data_dir)
-    return transformed_benchmark("rotmnist", load_split, rotation, n_tasks, samples_per_task, seed)
+    return transformed_benchmark("rotmnist", load_split, rotation, n_tasks, samples_per_task, seed,
+                                 validation)

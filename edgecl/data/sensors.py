@@ -56,7 +56,7 @@ from edgecl.data.common import (
     one_line,
     transformed_benchmark,
 )
-from edgecl.data.core import Benchmark, BenchmarkError
+from edgecl.data.core import Benchmark, BenchmarkError, SampleCount
 
 SENSORS_HINT = "pip install 'edgecl[sensors]'"
 AEON_BENCHMARKS = ("basicmotions", "basicmotions-classes", "japanesevowels")  # need aeon
@@ -103,13 +103,16 @@ def _labels(y: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
     return np.array([index[v] for v in y], dtype=np.int64)
 
 
-def _windows(series: list[np.ndarray], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every ``WINDOW``-step window of each recording (stride 1), recording by recording."""
+def _windows(series: list[np.ndarray], labels: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ``WINDOW``-step window of each recording (stride 1), recording by recording:
+    windows, their labels and the index of the recording each came from."""
     x = np.stack(series)  # [n, channels, steps]
     offsets = x.shape[-1] - WINDOW + 1
     win = np.lib.stride_tricks.sliding_window_view(x, WINDOW, axis=-1)  # [n, c, offsets, W]
     win = win.transpose(0, 2, 1, 3).reshape(-1, x.shape[1], WINDOW)
-    return np.ascontiguousarray(win, dtype=np.float32), np.repeat(labels, offsets)
+    return (np.ascontiguousarray(win, dtype=np.float32), np.repeat(labels, offsets),
+            np.repeat(np.arange(len(x)), offsets))
 
 
 @functools.cache
@@ -117,9 +120,9 @@ def basic_motions() -> Split:
     """BasicMotions cut into 64-step windows (raw units); classes in the file's header order."""
     train_x, train_y, classes = _read_ts("basicmotions", "BasicMotions", "TRAIN")
     test_x, test_y, _ = _read_ts("basicmotions", "BasicMotions", "TEST")
-    x_train, y_train = _windows(train_x, _labels(train_y, classes))
-    x_test, y_test = _windows(test_x, _labels(test_y, classes))
-    return Split(x_train, y_train, x_test, y_test, scale=1.0, classes=classes,
+    x_train, y_train, recordings = _windows(train_x, _labels(train_y, classes))
+    x_test, y_test, _ = _windows(test_x, _labels(test_y, classes))
+    return Split(x_train, y_train, x_test, y_test, scale=1.0, classes=classes, groups=recordings,
                  source=f"BasicMotions shipped with aeon (40 train / 40 test recordings of "
                         f"6 x 100 steps at 10 Hz, cut into {WINDOW}-step windows: "
                         f"{len(y_train):,} / {len(y_test):,})")
@@ -227,30 +230,32 @@ def sensor_condition(task: int, _n_tasks: int, _input_shape: tuple[int, ...],
     return lambda x: torch.from_numpy(apply(x.double().numpy()).astype(np.float32))
 
 
-def load_basicmotions(n_tasks: int | None, samples_per_task: int | None, seed: int,
-                      data_dir: str | Path | None) -> Benchmark:
+def load_basicmotions(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+                      data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 6 tasks (clean, drift, rotation, dead, noise, warp) x 1,000 windows, input
     (6, 64), shared 4-way head; ``data_dir`` is not used."""
     n_tasks = check_count(n_tasks, len(CONDITIONS), None, "n_tasks", "basicmotions")
     per_task = 1000 if samples_per_task is None else samples_per_task  # checked against 1,480
     bench = transformed_benchmark("basicmotions", basic_motions, sensor_condition, n_tasks,
-                                  per_task, seed)
+                                  per_task, seed, validation)
     conditions = ", ".join(condition(t) for t in range(n_tasks))
     return Benchmark(bench.name, bench.tasks, bench.input_shape, bench.n_classes, bench.head,
                      f"{bench.source}; task conditions: {conditions}")
 
 
-def load_basicmotions_classes(n_tasks: int | None, samples_per_task: int | None, seed: int,
-                              data_dir: str | Path | None) -> Benchmark:
+def load_basicmotions_classes(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+                              data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 2 tasks x 2 activities x all 740 windows, input (6, 64), a 2-way head per task."""
     return class_split_benchmark("basicmotions-classes", basic_motions, max_tasks=2,
                                  classes_per_task=2, n_tasks=n_tasks,
-                                 samples_per_task=samples_per_task, seed=seed)
+                                 samples_per_task=samples_per_task, seed=seed,
+                                 validation=validation)
 
 
-def load_japanesevowels(n_tasks: int | None, samples_per_task: int | None, seed: int,
-                        data_dir: str | Path | None) -> Benchmark:
+def load_japanesevowels(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+                        data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 3 tasks x 3 speakers x 90 utterances, input (12, 29), a 3-way head per task."""
     return class_split_benchmark("japanesevowels", japanese_vowels, max_tasks=3,
                                  classes_per_task=3, n_tasks=n_tasks,
-                                 samples_per_task=samples_per_task, seed=seed)
+                                 samples_per_task=samples_per_task, seed=seed,
+                                 validation=validation)

@@ -6,13 +6,14 @@ import functools
 from pathlib import Path
 
 from edgecl.data.common import class_split_benchmark
-from edgecl.data.core import Benchmark
+from edgecl.data.core import Benchmark, SampleCount
 from edgecl.data.digits import digits
 
 
-def load(n_tasks: int | None, samples_per_task: int | None, seed: int,
-         data_dir: str | Path | None) -> Benchmark:
+def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
+         data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default: all 5 tasks, all of each task's training digits (800 embedded) in seeded order."""
     return class_split_benchmark("splitmnist", functools.partial(digits, data_dir), max_tasks=5,
                                  classes_per_task=2, n_tasks=n_tasks,
-                                 samples_per_task=samples_per_task, seed=seed)
+                                 samples_per_task=samples_per_task, seed=seed,
+                                 validation=validation)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgecl.config import Conv1dConfig, MLPConfig, NetConfig, ResNetConfig
-from edgecl.nets.conv1d import conv1d
+from edgecl.nets.conv1d import check_window_shape, conv1d
 from edgecl.nets.mlp import mlp
 from edgecl.nets.norm import InputNorm
 from edgecl.nets.resnet import resnet18
@@ -24,6 +24,12 @@ def build_body(cfg: NetConfig, input_shape: tuple[int, ...], width_scale: float 
     if normalize == "channel":
         body = nn.Sequential(InputNorm(input_shape), body)
     return body, features
+
+
+def check_input_shape(cfg: NetConfig, input_shape: tuple[int, ...]) -> None:
+    """Refuse (ConfigError) a sample shape the net cannot sensibly read, before any training."""
+    if isinstance(cfg, Conv1dConfig):
+        check_window_shape(input_shape)
 
 
 def _backbone(cfg: NetConfig, input_shape: tuple[int, ...], width_scale: float

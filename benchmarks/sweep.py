@@ -1,13 +1,16 @@
-"""Sweep a preset's settings: the benchmark protocol for every combination of values and seed.
+"""Sweep a preset's settings on the validation split; report the chosen one's test ACC.
 
 Each `--set KEY VALUE...` names a config key by its dotted path (`method.ref_batch`,
 `optimizer.lr`, `benchmark.name`) and the values to try, each read as YAML (`0.1`, `true`,
-`[0.3, 0.5]`). Every combination of the sets runs once per seed; one line each reports its ACC
-per seed, their mean, and the mean training time (`train_s`). The presets' comments quote sweeps
-made with it, e.g.
+`[0.3, 0.5]`). Every combination of the sets runs once per seed with
+`benchmark.evaluate_on: validation`: the tasks train on 7/8 of the training split and R is
+measured on the held-out 1/8, never on the test split. One line each reports its validation ACC
+per seed, mean ± std, and the mean training time (`train_s`). The setting with the best mean
+validation ACC is chosen; with `--test` it is then run on the test split (same seeds), the only
+test numbers the sweep prints. The presets' comments quote sweeps made with it, e.g.
 
-    .venv/bin/python benchmarks/sweep.py --config models/agem.yaml --seeds 0 1 2 3 4 \\
-        --set method.ref_batch 128 256 384 512 1024
+    .venv/bin/python benchmarks/sweep.py --config models/agem.yaml --seeds 0 1 2 --test \\
+        --set method.ref_batch 256 512
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import yaml
 
 from edgecl.bench import load_config_benchmark, run_protocol
+from edgecl.cli import use_threads
 from edgecl.config import deep_merge, load_config
 
 
@@ -31,7 +35,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", type=Path, required=True, help="the preset to start from")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY VALUE",
                    help="a dotted config key and the values to try (repeatable)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="[0]")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="[0 1 2]")
+    p.add_argument("--test", action="store_true",
+                   help="run the setting chosen on validation on the test split too")
     args = p.parse_args()
     for key, *values in args.set:
         if not values:
@@ -47,23 +53,45 @@ def nested(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def run(config: Path, overrides: dict[str, Any], seeds: list[int], evaluate_on: str
+        ) -> tuple[list[float], list[float]]:
+    """ACC and train_s of each seed."""
+    accs, train_s = [], []
+    for seed in seeds:
+        cfg = load_config(config, deep_merge(overrides, {
+            "seed": seed, "benchmark": {"evaluate_on": evaluate_on}}))
+        use_threads(cfg.threads)
+        result, _ = run_protocol(cfg, load_config_benchmark(cfg))
+        accs.append(result["acc"])
+        train_s.append(result["train_s"])
+    return accs, train_s
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
 def main() -> None:
     args = parse_args()
     keys = [key for key, *_ in args.set]
     choices = [[yaml.safe_load(v) for v in values] for _, *values in args.set]
+    best: tuple[float, str, dict[str, Any]] | None = None
     for combo in itertools.product(*choices):
         overrides: dict[str, Any] = {}
         for key, value in zip(keys, combo, strict=True):
             overrides = deep_merge(overrides, nested(key, value))
-        accs, train_s = [], []
-        for seed in args.seeds:
-            cfg = load_config(args.config, {**overrides, "seed": seed})
-            result, _ = run_protocol(cfg, load_config_benchmark(cfg))
-            accs.append(result["acc"])
-            train_s.append(result["train_s"])
+        accs, train_s = run(args.config, overrides, args.seeds, "validation")
         setting = ", ".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "preset"
-        print(f"{setting}: ACC {' '.join(f'{a:.4f}' for a in accs)}; mean "
-              f"{statistics.mean(accs):.4f}; train_s {statistics.mean(train_s):.2f}", flush=True)
+        print(f"{setting}: validation ACC {' '.join(f'{a:.4f}' for a in accs)}; "
+              f"{mean_std(accs)}; train_s {statistics.mean(train_s):.2f}", flush=True)
+        if best is None or statistics.mean(accs) > best[0]:
+            best = (statistics.mean(accs), setting, overrides)
+    assert best is not None
+    print(f"chosen on validation: {best[1]} ({best[0]:.4f})", flush=True)
+    if args.test:
+        accs, _ = run(args.config, best[2], args.seeds, "test")
+        print(f"{best[1]}: test ACC {' '.join(f'{a:.4f}' for a in accs)}; {mean_std(accs)}")
 
 
 if __name__ == "__main__":

@@ -182,19 +182,33 @@ def _method_name(data: dict[str, Any]) -> Any:
     return method.get("name", default) if isinstance(method, dict) else default
 
 
+def _benchmark_name(data: dict[str, Any]) -> Any:
+    bench = data.get("benchmark")
+    default = BenchmarkConfig.model_fields["name"].default
+    return bench.get("name", default) if isinstance(bench, dict) else default
+
+
 def build_config(data: dict[str, Any], source: str = "config") -> Config:
     """Validate a config mapping, including the method's own hyper-parameters.
 
     The optimiser keys the mapping leaves out come from the method's `optimizer_defaults`
     (GEM and WSN, for example, are tuned with optimisers of their own), unless the mapping names
-    another optimiser than theirs: WSN's Adam learning rate is no default for SGD.
+    another optimiser than theirs: WSN's Adam learning rate is no default for SGD. On benchmarks
+    that need other values than pmnist's, `edgecl.learners.settings` supplies the method's and
+    optimiser's keys the mapping leaves out.
     """
     from edgecl.learners import learner_class, method_params  # the registry lives there
+    from edgecl.learners.settings import benchmark_settings
 
     try:
         defaults = learner_class(_method_name(data)).optimizer_defaults
     except (KeyError, TypeError):
         defaults = {}  # an unknown method is reported below, with the valid names
+    tuned = benchmark_settings(str(_method_name(data)), str(_benchmark_name(data)))
+    defaults = {**defaults, **tuned.get("optimizer", {})}
+    method = data.get("method")
+    if tuned.get("method") and isinstance(method, dict):
+        data = {**data, "method": {**tuned["method"], **method}}
     optimizer = data.get("optimizer", {})
     default_name = defaults.get("name", OptimizerConfig.model_fields["name"].default)
     if isinstance(optimizer, dict) and optimizer.get("name", default_name) == default_name:

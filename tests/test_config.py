@@ -100,3 +100,15 @@ def test_a_method_brings_its_tuned_optimizer_unless_the_config_states_one(tmp_pa
 def test_a_methods_optimizer_defaults_apply_only_to_its_own_optimizer(tmp_path, text, expected):
     cfg = load_config(write(tmp_path, text))
     assert (cfg.optimizer.name, cfg.optimizer.lr) == expected
+
+
+def test_a_benchmark_brings_the_methods_settings_for_it_unless_the_config_states_them(tmp_path):
+    def lr(overrides: dict) -> float:
+        return load_config(None, overrides).optimizer.lr
+
+    assert lr({"method": {"name": "finetune"}}) == 0.03  # pmnist: the GEM paper's "single"
+    assert lr({"method": {"name": "finetune"}, "benchmark": {"name": "rotmnist"}}) == 0.003
+    assert lr({"method": {"name": "independent"}, "benchmark": {"name": "rotmnist"}}) == 0.1
+    stated = {"method": {"name": "finetune"}, "benchmark": {"name": "rotmnist"},
+              "optimizer": {"lr": 0.05}}
+    assert lr(stated) == 0.05

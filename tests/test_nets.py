@@ -52,3 +52,16 @@ def test_per_task_heads_are_separate():
     x = torch.rand(5, 4)
     assert not torch.equal(net(x, 0), net(x, 1))
     assert torch.equal(net.task_module(2)(x), net(x, 2))
+
+
+def test_mlp_starts_as_the_gem_papers_code_starts_it():
+    net = build_task_net(MLPConfig(), (1, 28, 28), 10, 2)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4  # two hidden layers, two heads
+    for layer in linears:
+        bound = (6 / sum(layer.weight.shape)) ** 0.5  # Xavier-uniform: U(-a, a)
+        w = layer.weight.abs()
+        assert w.max() <= bound and w.max() > 0.95 * bound and w.mean() > 0.45 * bound
+        assert not layer.bias.any()
+    conv = build_task_net(Conv1dConfig(name="conv1d", channels=[8]), (6, 64), 4, 1)
+    assert conv.heads[0].bias.any()  # other nets keep PyTorch's initialisation

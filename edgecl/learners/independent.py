@@ -1,8 +1,9 @@
 """Independent: one small net per task (the GEM paper's reference), so no task can interfere.
 
 As in the GEM paper each task's net is `width_scale` times as wide as the configured one (default
-1/max_tasks: the same total parameter budget as one shared net); `warm_start` initialises a new
-task's net, when it starts learning, from the net of the task learned before it.
+1/max_tasks: the same total parameter budget as one shared net); `warm_start` (the paper's
+`--finetune yes`, the default) initialises a new task's net, when it starts learning, from the net
+of the task learned before it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from edgecl.nets import build_task_net
 class IndependentParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     width_scale: float | None = Field(default=None, gt=0, le=1)  # None: 1 / max_tasks
-    warm_start: bool = False
+    warm_start: bool = True
 
 
 class TaskNets(nn.Module):

@@ -64,5 +64,13 @@ class TaskNet(nn.Module):
 
 def build_task_net(cfg: NetConfig, input_shape: tuple[int, ...], n_classes: int, n_heads: int,
                    width_scale: float = 1.0, normalize: str = "none") -> TaskNet:
+    """The net of `cfg` with its heads; an MLP's layers start as the GEM paper's code starts
+    them (Xavier-uniform weights, zero biases), the other nets as PyTorch's layers do."""
     body, features = build_body(cfg, input_shape, width_scale, normalize)
-    return TaskNet(body, features, n_classes, n_heads)
+    net = TaskNet(body, features, n_classes, n_heads)
+    if isinstance(cfg, MLPConfig):
+        for layer in net.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+    return net

@@ -141,7 +141,7 @@ def _keys_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
     return list(model.model_fields)
 
 
-def unknown_key(key: str, valid: Sequence[str]) -> str:
+def _unknown_key(key: str, valid: Sequence[str]) -> str:
     """'unknown key', the closest valid key if one is close, and every valid key."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -156,7 +156,7 @@ def _first_error(err: ValidationError, model: type[BaseModel], prefix: str = "",
     # Discriminated unions put the tag ("mlp") in the path; it is noise to a reader.
     loc = [str(p) for p in e["loc"] if p not in NET_TAGS]
     if e["type"] == "extra_forbidden":
-        msg = unknown_key(loc[-1], [*also_valid, *_keys_at(model, e["loc"])])
+        msg = _unknown_key(loc[-1], [*also_valid, *_keys_at(model, e["loc"])])
     else:
         msg = e["msg"]
     if e["type"] == "union_tag_invalid":

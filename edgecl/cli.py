@@ -10,20 +10,54 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from edgecl.config import Config, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="edgecl: on-device continual learning. Learn every task in one pass, "
                        "forget none, serve a fast per-task model.")
-console = Console(stderr=True)
 LEARN_TOKEN_ENV = "EDGECL_LEARN_TOKEN"
+
+
+def plain_console(stderr: bool = False) -> Console:
+    """A console that prints text as given. Rich markup is off: user text (paths, task names,
+    `pip install 'edgecl[vision]'`) would otherwise lose its brackets, or fail to parse."""
+    return Console(stderr=stderr, markup=False, highlight=False)
+
+
+console = plain_console(stderr=True)
+
+
+def say(message: str, error: bool = False) -> None:
+    """One line on stderr, exactly as given; an error line starts with a bold red 'error: '."""
+    console.print(Text.assemble(("error: ", "bold red") if error else "", message),
+                  soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print one clear line and exit (2: bad input)."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    say(message, error=True)
     raise typer.Exit(code)
+
+
+def progress_bar(rate: bool = False) -> Progress:
+    """A progress bar whose texts (task descriptions, the rate field) are printed as given."""
+    rate_column = [TextColumn("{task.fields[rate]}", markup=False)] if rate else []
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                    MofNCompleteColumn(), *rate_column, TimeRemainingColumn(), console=console)
+
+
+def check_device(cfg: Config, cli_option: bool, config: Path | None) -> None:
+    """Refuse `cuda` where torch sees none, naming where it was asked for: the `--device`
+    option, else the config file's `device:` key."""
+    import torch
+
+    if cfg.device != "cuda" or torch.cuda.is_available():
+        return
+    where = "--device cuda" if cli_option else f"{config or 'config'}: device: cuda"
+    fix = "--device auto or --device cpu" if cli_option else "device: auto or device: cpu"
+    fail(f"{where}, but torch sees no CUDA device on this machine; use {fix}")
 
 
 def use_threads(n: int) -> None:
@@ -114,6 +148,7 @@ def bench(
                                  data_dir, device, threads)
     try:
         configs = _configs_for(config, overrides)
+        check_device(configs[0], device is not None, config)
         data = load_config_benchmark(configs[0])
         for cfg in configs:
             learner_spec(cfg, data)  # max_tasks against the benchmark, before any training
@@ -128,9 +163,7 @@ def bench(
         _make_folder(out / cfg.method.name if many else out)
     results = []
     for cfg in configs:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                      console=console, transient=False) as bar:
+        with progress_bar(rate=True) as bar:
             job = bar.add_task(f"{cfg.method.name} on {data.name}", total=data.n_train, rate="")
 
             def advance(n: int, task_id: str, bar: Progress = bar, job: Any = job) -> None:
@@ -144,8 +177,9 @@ def bench(
         results.append(result)
     if many:
         _write_comparison(out, results, data.name)
-    Console().print(_summary_table(results, f"{data.name}: {data.source}, {len(data.tasks)} tasks"))
-    console.print(f"results in {out}/")
+    plain_console().print(
+        _summary_table(results, f"{data.name}: {data.source}, {len(data.tasks)} tasks"))
+    say(f"results in {out}/")
 
 
 def _make_folder(folder: Path) -> None:
@@ -203,13 +237,13 @@ def export(
         try:
             m = exporter.export(name, repo)
         except (ExportError, ValueError, OSError) as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            say(str(e), error=True)
             failed += 1
             continue
         v = m.verification
         table.add_row(name, str(m.version), f"{v.max_abs_diff:.1e}", str(v.real_inputs),
                       m.sha256[:12])
-    Console().print(table)
+    plain_console().print(table)
     if failed:
         raise typer.Exit(1)
 
@@ -266,8 +300,7 @@ def serve(
         fail(f"{repo}: cannot read the model repository ({e.strerror})")
     served = ", ".join(sorted(server.models.all())) or "none yet"
     auth = "bearer token" if token else "no token"
-    console.print(f"listening on {server.url}, serving {served} ({auth})", highlight=False,
-                  soft_wrap=True)
+    say(f"listening on {server.url}, serving {served} ({auth})")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -339,6 +372,7 @@ def learn(
         cfg = load_config(config)
     except ConfigError as e:
         fail(str(e))
+    check_device(cfg, False, config)  # learn's --device is the MQTT name, not torch's
     _log_json_lines()
     use_threads(threads or cfg.threads)
     try:
@@ -447,8 +481,7 @@ def replay(
     except (LearnError, OSError) as e:
         fail(f"{to}: not ready after {wait_s:g} s ({e})", code=1)
     t0 = time.perf_counter()
-    with client, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), console=console) as bar:
+    with client, progress_bar() as bar:
         job = bar.add_task(f"{source} -> {to}", total=total)
         sent = 0
         try:
@@ -464,9 +497,9 @@ def replay(
                 if end_tasks:
                     client.end_task(task.name)
             seconds = time.perf_counter() - t0
-            console.print(f"sent {client.sent:,} samples of {len(chosen)} task(s) in "
-                          f"{seconds:.1f} s ({client.sent / seconds:,.0f}/s; {client.retries} "
-                          "retries after 429); waiting for the daemon to learn them")
+            say(f"sent {client.sent:,} samples of {len(chosen)} task(s) in {seconds:.1f} s "
+                f"({client.sent / seconds:,.0f}/s; {client.retries} retries after 429); "
+                "waiting for the daemon to learn them")
             client.wait_learned(wait_s)
         except (LearnError, OSError) as e:  # TimeoutError is an OSError
             fail(f"after {client.sent:,} acknowledged samples: {e}", code=1)
@@ -492,7 +525,7 @@ def status(
     if as_json:
         print(json.dumps(s, indent=1))
         return
-    Console().print(_status_table(s))
+    plain_console().print(_status_table(s))
 
 
 def _status_table(s: dict[str, Any]) -> Table:

@@ -7,6 +7,8 @@ Method hyper-parameters are validated by the method's own `Params` model (see `e
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -47,9 +49,10 @@ class Conv1dConfig(_Strict):
 
 
 NetConfig = Annotated[MLPConfig | ResNetConfig | Conv1dConfig, Field(discriminator="name")]
-# the union's tags ("mlp", ...): pydantic puts them in error paths
-NET_TAGS = frozenset(get_args(net.model_fields["name"].annotation)[0]
-                     for net in get_args(get_args(NetConfig)[0]))
+# each net by its union tag ("mlp", ...): pydantic puts the tags in error paths
+NET_MODELS: dict[str, type[BaseModel]] = {get_args(net.model_fields["name"].annotation)[0]: net
+                                          for net in get_args(get_args(NetConfig)[0])}
+NET_TAGS = frozenset(NET_MODELS)
 
 
 class OptimizerConfig(_Strict):
@@ -135,11 +138,32 @@ class Config(_Strict):
     learn: LearnConfig = LearnConfig()
 
 
-def _first_error(err: ValidationError, prefix: str = "") -> str:
+def _keys_at(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
+    """The keys `model` allows in the mapping that holds the key at `loc` (a pydantic error
+    path, the net's tag included)."""
+    for part in loc[:-1]:
+        model = NET_MODELS[part] if part in NET_TAGS else model.model_fields[part].annotation
+    return list(model.model_fields)
+
+
+def _unknown_key(key: str, valid: Sequence[str]) -> str:
+    """'unknown key', the closest valid key if one is close, and every valid key."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint} (valid: {', '.join(valid)})"
+
+
+def _first_error(err: ValidationError, model: type[BaseModel], prefix: str = "",
+                 also_valid: Sequence[str] = ()) -> str:
+    """The first error as 'key.path: message'; `model` is the one validated, `also_valid` the
+    keys its parent mapping holds beside its fields (a method section's `name`)."""
     e = err.errors()[0]
     # Discriminated unions put the tag ("mlp") in the path; it is noise to a reader.
     loc = [str(p) for p in e["loc"] if p not in NET_TAGS]
-    msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = _unknown_key(loc[-1], [*also_valid, *_keys_at(model, e["loc"])])
+    else:
+        msg = e["msg"]
     if e["type"] == "union_tag_invalid":
         loc.append("name")
         msg = f"unknown net {e['ctx']['tag']!r}; valid: {e['ctx']['expected_tags']}"
@@ -216,11 +240,12 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_first_error(e)}") from None
+        raise ConfigError(f"{source}: {_first_error(e, Config)}") from None
     try:
         method_params(cfg.method)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_first_error(e, 'method')}") from None
+        params = learner_class(cfg.method.name).Params
+        raise ConfigError(f"{source}: {_first_error(e, params, 'method', ['name'])}") from None
     except KeyError as e:
         raise ConfigError(f"{source}: method.name: {e.args[0]}") from None
     return cfg

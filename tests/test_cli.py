@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from edgecl import bench as bench_module
@@ -20,8 +21,11 @@ def bench(*args: str):
 
 
 def test_bench_writes_result_heatmap_and_a_loadable_checkpoint(tmp_path):
-    r = bench("--benchmark", "pmnist", "--method", "finetune", *TINY, "--out", str(tmp_path))
+    out = tmp_path / "run[/]"  # rich markup would take "[/]" for a closing tag
+    r = bench("--benchmark", "pmnist", "--method", "finetune", *TINY, "--out", str(out))
     assert r.exit_code == 0, r.output
+    assert f"results in {out}/" in r.output
+    tmp_path = out
     result = json.loads((tmp_path / "result.json").read_text())
     assert result.keys() >= RESULT_KEYS
     assert result["n_tasks"] == 3 and len(result["R"]) == 3 and len(result["b"]) == 3
@@ -67,6 +71,57 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, mess
     assert r.exit_code == 2
     [line] = r.output.splitlines()  # one line, nothing else
     assert line.startswith("error: ") and message.format(tmp=tmp_path) in line
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--benchmark", "cifar100"], "install it with: pip install 'edgecl[vision]')"),
+    (["--config", "cfg[test].yaml"], "cfg[test].yaml: optimiser: unknown key; "
+                                     "did you mean 'optimizer'?"),
+    (["--config", "cfg[/].yaml"], "cfg[/].yaml: no such config file"),
+], ids=["pip-extra", "brackets", "closing-tag"])
+def test_error_lines_reach_the_user_as_written(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg[test].yaml").write_text("optimiser: {lr: 0.1}\n")
+    r = bench(*args)
+    assert r.exit_code == 2, r.output
+    [line] = r.output.splitlines()  # one line: no MarkupError traceback
+    assert line.startswith("error: ") and message in line  # no "[...]" eaten as markup
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine where torch sees no CUDA device (this one, or a GPU machine made to look so)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_data(*_):
+        raise AssertionError("an unusable device must be refused before the data is loaded")
+
+    monkeypatch.setattr(bench_module, "load_config_benchmark", no_data)
+
+
+def test_bench_refuses_cuda_without_cuda_naming_the_option_or_the_config_key(tmp_path, no_cuda):
+    r = bench("--device", "cuda", "--out", str(tmp_path / "out"))
+    assert r.exit_code == 2
+    assert r.output == ("error: --device cuda, but torch sees no CUDA device on this machine; "
+                        "use --device auto or --device cpu\n")
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text("device: cuda\n")
+    for args in (["--config", str(gpu)], ["--config", str(gpu), "--method", "all"]):
+        r = bench(*args, "--out", str(tmp_path / "out"))
+        assert r.exit_code == 2
+        assert r.output == (f"error: {gpu}: device: cuda, but torch sees no CUDA device on this "
+                            "machine; use device: auto or device: cpu\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_learn_refuses_a_cuda_config_without_cuda_before_taking_its_state_dir(tmp_path, no_cuda):
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text("device: cuda\n")
+    r = CliRunner().invoke(app, ["learn", "--state-dir", str(tmp_path / "s"), "--config", str(gpu)])
+    assert r.exit_code == 2
+    assert r.output == (f"error: {gpu}: device: cuda, but torch sees no CUDA device on this "
+                        "machine; use device: auto or device: cpu\n")
+    assert not (tmp_path / "s").exists()
 
 
 def test_method_all_compares_every_method(tmp_path):

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def test_defaults_are_the_gem_protocol():
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("optimizer: {lr: -1}", "optimizer.lr: Input should be greater than 0"),
-    ("optimiser: {lr: 0.1}", "optimiser: unknown key"),
+    ("optimiser: {lr: 0.1}", "optimiser: unknown key; did you mean 'optimizer'?"),
     ("net: {name: mlp, nf: 3}", "net.nf: unknown key"),
     ("net: {name: vgg}", "net.name: unknown net 'vgg'; valid: 'mlp', 'resnet18', 'conv1d'"),
     ("memory: {dtype: int4}", "memory.dtype:"),
@@ -40,6 +41,39 @@ def test_bad_configs_fail_with_one_line_naming_the_key(tmp_path, text, expected)
     assert expected in message
     assert "\n" not in message
     assert message.startswith(str(tmp_path))
+
+
+UNKNOWN_KEY = re.compile(r": (?P<key>[\w.]+): unknown key(; did you mean '(?P<closest>\w+)'\?)? "
+                         r"\(valid: (?P<valid>[\w, ]+)\)$")
+
+
+@pytest.mark.parametrize(("text", "key", "closest", "some_valid", "not_valid"), [
+    ("optimiser: {lr: 0.1}", "optimiser", "optimizer", {"seed", "net", "memory", "learn"}, "lr"),
+    ("zzz: 1", "zzz", None, {"seed", "optimizer"}, "name"),
+    ("benchmark: {tasks: 3}", "benchmark.tasks", "n_tasks", {"name", "batch_size"}, "seed"),
+    ("net: {name: mlp, hiden: [3]}", "net.hiden", "hidden", {"name", "hidden"}, "nf"),
+    ("net: {name: resnet18, hidden: [3]}", "net.hidden", None, {"name", "nf"}, "channels"),
+    ("net: {name: conv1d, kernel: 3}", "net.kernel", "kernel_size", {"channels"}, "hidden"),
+    ("optimizer: {momentm: 0.9}", "optimizer.momentm", "momentum", {"lr", "name"}, "seed"),
+    ("memory: {budget: 100}", "memory.budget", "budget_bytes", {"per_task", "dtype"}, "lr"),
+    ("method: {name: gem, memory_strenght: 1}", "method.memory_strenght", "memory_strength",
+     {"name", "qp_eps", "fast"}, "ref_batch"),
+    ("method: {name: agem, refbatch: 5}", "method.refbatch", "ref_batch", {"name"}, "qp_eps"),
+    ("method: {name: finetune, lr: 1}", "method.lr", None, {"name"}, "lr"),
+    ("stream: {input_shpe: [3]}", "stream.input_shpe", "input_shape", {"classes", "head"},
+     "holdout"),
+    ("learn: {hold_out: 0.1}", "learn.hold_out", "holdout", {"max_lag", "keep_checkpoints"},
+     "input_shape"),
+])
+def test_an_unknown_key_names_the_valid_keys_of_its_section_and_the_closest(
+        tmp_path, text, key, closest, some_valid, not_valid):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    m = UNKNOWN_KEY.search(str(e.value))
+    assert m, str(e.value)
+    valid = set(m["valid"].split(", "))
+    assert (m["key"], m["closest"]) == (key, closest)
+    assert valid >= some_valid and not_valid not in valid
 
 
 def test_missing_file_is_a_config_error(tmp_path):

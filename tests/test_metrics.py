@@ -11,7 +11,8 @@ B = np.array([0.10, 0.12, 0.09])
 
 
 def test_acc_is_mean_of_last_row():
-    assert acc(R) == pytest.approx((0.70 + 0.85 + 0.90) / 3)
+    # (0.70 + 0.85 + 0.90) / 3
+    assert acc(R) == pytest.approx(0.816667, abs=1e-6)
 
 
 def test_bwt_averages_over_t_minus_one_tasks():
@@ -22,6 +23,11 @@ def test_bwt_averages_over_t_minus_one_tasks():
 def test_fwt_uses_superdiagonal_and_random_init_accuracy():
     # (R[0,1] - b1) + (R[1,2] - b2) = (0.10 - 0.12) + (0.15 - 0.09) = 0.04, over 2 tasks
     assert fwt(R, B) == pytest.approx(0.02)
+
+
+def test_summarize_puts_each_metric_in_its_place():
+    s = summarize(R, B)
+    assert (s.acc, s.bwt, s.fwt) == pytest.approx((0.816667, -0.15, 0.02), abs=1e-6)
 
 
 def test_no_forgetting_gives_zero_bwt_and_perfect_acc():

@@ -8,7 +8,6 @@ import pytest
 from edgecl.bench import load_config_benchmark, run_protocol
 from edgecl.config import load_config
 from edgecl.learners import LEARNERS, learner_class
-from edgecl.metrics import summarize
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 PRESETS = sorted(MODELS.glob("*.yaml"))
@@ -42,8 +41,6 @@ def test_preset_smoke_runs(preset):
     result, learner = run_protocol(cfg, load_config_benchmark(cfg))
     R = np.asarray(result["R"])
     assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
-    metrics = summarize(R, np.asarray(result["b"]))
-    assert (result["acc"], result["bwt"], result["fwt"]) == (metrics.acc, metrics.bwt, metrics.fwt)
     assert result["method"] == cfg.method.name
     assert learner.task_ids == result["tasks"]
     holds_state = cfg.method.name not in ("finetune", "independent")  # memory, masks, Fisher...

@@ -114,10 +114,11 @@ def normalisation(module: nn.Module) -> str:
 
 def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
                   classes: list[str], real: torch.Tensor | None, real_note: str,
-                  source: str, source_sha256: str) -> Manifest:
+                  source: str, source_sha256: str, input_transform: str = "") -> Manifest:
     """Export `module` (task `task` of a learner with `spec`) to ONNX, verify it against torch
     on random inputs and on `real` ones (`real_note` says where they come from, or why there
-    are none), and publish it as the task's next version in `repo`."""
+    are none), and publish it as the task's next version in `repo`; `input_transform` states
+    the task's fixed input transform for clients (see `TaskData.transform`)."""
     check_task_id(task)
     model = to_onnx(module, spec.input_shape).SerializeToString()
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -131,6 +132,7 @@ def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
         "classes": classes,
         "normalisation": normalisation(module),
         "input_range": None if real is None else [float(real.min()), float(real.max())],
+        "input_transform": input_transform,
         "method": spec.config.method.name, "head": spec.head,
         "source_checkpoint": source, "source_sha256": source_sha256,
         "verification": verification, "probe": Probe(logits=probe.tolist()),
@@ -189,7 +191,8 @@ class Exporter:
         real = inputs.task.x_test[:REAL_INPUTS] if inputs.task else None
         return export_module(
             self.learner.task_module(task), repo, task, self.learner.spec, self._classes(inputs),
-            real, inputs.note, str(self.checkpoint), self.checkpoint_sha256)
+            real, inputs.note, str(self.checkpoint), self.checkpoint_sha256,
+            inputs.task.transform if inputs.task else "")
 
     def real_inputs(self, task: str) -> RealInputs:
         """The task's test set from the checkpoint's benchmark config, when it can be rebuilt."""

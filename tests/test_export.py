@@ -15,8 +15,12 @@ from typer.testing import CliRunner
 
 from edgecl import export
 from edgecl.atomic import atomic_write_text
+from edgecl.bench import load_config_benchmark, run_protocol
 from edgecl.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from edgecl.cli import app
+from edgecl.config import load_config
+from edgecl.data.digits import digits
+from edgecl.data.pmnist import task_permutation
 from edgecl.export import Exporter, ExportError, VerificationError
 from edgecl.learners import LEARNERS
 from edgecl.serve import repository
@@ -105,6 +109,22 @@ def test_the_manifest_describes_the_published_graph(tmp_path):
     assert m.verification.real_inputs == 40 and m.verification.random_inputs == 65
     assert m.input_range is not None and 0 <= m.input_range[0] < m.input_range[1] <= 1.05
     assert m.source_checkpoint == str((tmp_path / "c.pt").resolve())
+    assert m.input_transform == ""  # a file's tasks are used as given
+
+
+def test_a_pmnist_model_states_the_permutation_its_clients_apply(tmp_path):
+    cfg = load_config(None, {"benchmark": {"n_tasks": 2, "samples_per_task": 20}, "seed": 4})
+    bench = load_config_benchmark(cfg)
+    _, learner = run_protocol(cfg, bench)
+    save_checkpoint(tmp_path / "c.pt", learner)
+    m = Exporter(tmp_path / "c.pt").export("task01", tmp_path / "repo")
+    assert m.input_transform.endswith("perm = edgecl.data.pmnist.task_permutation(4, 1, x.shape)")
+    split = digits(None)
+    raw = split.inputs(split.x_test[:1])[0]  # the digit as a camera gives it, in [0, 1]
+    client = raw.flatten()[task_permutation(4, 1, tuple(raw.shape))].reshape(raw.shape)
+    assert torch.equal(client, bench.tasks[1].x_test[0])  # what the task's model learned on
+    served = onnx_logits(tmp_path / "repo" / "task01" / "1", client[None])
+    assert np.allclose(served, learner.predict(client[None], "task01").numpy(), atol=1e-4)
 
 
 def test_without_its_benchmark_a_model_is_verified_on_random_inputs(tmp_path):

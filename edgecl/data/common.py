@@ -132,11 +132,13 @@ def read_vision_splits(what: str, dataset: str, root: Path, missing: str) -> tup
 
 def transformed_benchmark(name: str, load_split: Callable[[], Split], transform: TaskTransform,
                           n_tasks: int | None, samples_per_task: SampleCount,
-                          seed: int, validation: bool = False) -> Benchmark:
+                          seed: int, validation: bool = False,
+                          describe: Callable[[int, int], str] | None = None) -> Benchmark:
     """GEM's transformed-input protocol (one shared head), e.g. permuted or rotated MNIST.
 
     Task t draws ``samples_per_task`` training samples in random order from the whole training
-    split; its test set is the whole test split; both pass through the task's transform.
+    split; its test set is the whole test split; both pass through the task's transform, which
+    ``describe(seed, t)`` states for the task's model's clients.
     """
     n_tasks = check_count(n_tasks, 20, None, "n_tasks", name)
     split = load_split().validation() if validation else load_split()
@@ -156,6 +158,7 @@ def transformed_benchmark(name: str, load_split: Callable[[], Split], transform:
             x_test=apply(x_test).contiguous(),
             y_test=torch.from_numpy(split.y_test.copy()),
             classes=split.classes,
+            transform=describe(seed, t) if describe else "",
         ))
     return Benchmark(name, tuple(tasks), input_shape, len(split.classes), "shared", split.source)
 

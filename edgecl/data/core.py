@@ -28,6 +28,9 @@ class TaskData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     classes: tuple[str, ...]
+    # the fixed transform that makes raw data this task's inputs, which a client of the task's
+    # model applies too (e.g. pmnist's pixel permutation); "" when there is none
+    transform: str = ""
 
 
 @dataclass(frozen=True, eq=False)

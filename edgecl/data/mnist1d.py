@@ -16,7 +16,7 @@ import numpy as np
 
 from edgecl.data.common import DIGIT_CLASSES, Split, transformed_benchmark
 from edgecl.data.core import Benchmark, SampleCount
-from edgecl.data.pmnist import permutation
+from edgecl.data.pmnist import describe_permutation, permutation
 
 
 @functools.cache
@@ -47,4 +47,5 @@ def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,
          data_dir: str | Path | None, validation: bool) -> Benchmark:
     """Default 20 tasks x 1,000 sequences, input_shape (1, 40); ``data_dir`` is not used."""
     return transformed_benchmark("mnist1d", _generated, permutation, n_tasks,
-                                 samples_per_task, seed, validation)
+                                 samples_per_task, seed, validation,
+                                 describe_permutation("mnist1d"))

@@ -94,6 +94,8 @@ class Manifest(_Frozen):
     classes: list[str]  # output k is the logit of classes[k]
     normalisation: str
     input_range: list[float] | None  # [min, max] of the task's real test inputs, if known
+    # the fixed per-task transform a client applies to raw data first (pmnist's permutation)
+    input_transform: str = ""
     method: str
     head: str
     source_checkpoint: str

@@ -14,9 +14,9 @@ import torch
 
 from edgecl.atomic import atomic_write_text
 from edgecl.checkpoint import save_checkpoint
-from edgecl.config import Config, ConfigError
+from edgecl.config import Config, ConfigError, load_config
 from edgecl.data import Benchmark, load_benchmark
-from edgecl.learners import Learner, LearnerSpec, build_learner
+from edgecl.learners import LEARNERS, Learner, LearnerSpec, build_learner
 from edgecl.metrics import summarize
 from edgecl.nets import check_input_shape
 from edgecl.report import plot_accuracy_matrix
@@ -30,6 +30,15 @@ def load_config_benchmark(cfg: Config) -> Benchmark:
     return load_benchmark(b.name, n_tasks=b.n_tasks, samples_per_task=b.samples_per_task,
                           seed=cfg.seed, data_dir=b.data_dir,
                           validation=b.evaluate_on == "validation")
+
+
+def method_configs(config: Path | None, overrides: dict[str, Any]) -> list[Config]:
+    """The config of `config` + `overrides`, or with method "all" one per registered method:
+    each keeps the preset's benchmark and net, and a method other than the preset's runs with
+    its own tuned settings (see `edgecl.config.load_config`)."""
+    if overrides.get("method", {}).get("name") != "all":
+        return [load_config(config, overrides)]
+    return [load_config(config, {**overrides, "method": {"name": name}}) for name in LEARNERS]
 
 
 def learner_spec(cfg: Config, bench: Benchmark) -> LearnerSpec:

@@ -89,17 +89,6 @@ def _bench_overrides(benchmark: str | None, method: str | None, tasks: int | Non
     return out
 
 
-def _configs_for(config: Path | None, overrides: dict[str, Any]) -> list[Config]:
-    """One config, or one per registered method for `--method all`."""
-    from edgecl.learners import LEARNERS
-
-    method = overrides.get("method", {}).get("name")
-    if method != "all":
-        return [load_config(config, overrides)]
-    # load_config keeps a preset's tuned parameters for its own method; others get defaults
-    return [load_config(config, {**overrides, "method": {"name": name}}) for name in LEARNERS]
-
-
 def _summary_table(results: list[dict[str, Any]], title: str) -> Table:
     from edgecl.report import COLUMNS, summary_row
 
@@ -141,13 +130,19 @@ def bench(
     Writes DIR/result.json, DIR/R.png (heatmap of R) and DIR/checkpoint.pt. With --method all,
     one sub-folder per method plus DIR/comparison.md, comparison.json and comparison.png.
     """
-    from edgecl.bench import learner_spec, load_config_benchmark, run_protocol, write_run
+    from edgecl.bench import (
+        learner_spec,
+        load_config_benchmark,
+        method_configs,
+        run_protocol,
+        write_run,
+    )
     from edgecl.data import BenchmarkError
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
                                  data_dir, device, threads)
     try:
-        configs = _configs_for(config, overrides)
+        configs = method_configs(config, overrides)
         check_device(configs[0], device is not None, config)
         data = load_config_benchmark(configs[0])
         for cfg in configs:

@@ -1,0 +1,138 @@
+"""Every results table in the README, regenerated: each method over several seeds, mean ± std.
+
+Each table is `edgecl bench --method all` on one benchmark and net (the settings each method
+runs with there: its preset values, or `edgecl/learners/settings.py` for benchmarks that need
+others), run once per seed, plus the offline upper bound (`edgecl.joint`: the same net trained on
+all tasks' data at once for `--epochs` epochs). Hyper-parameters were chosen on validation
+splits (`benchmarks/sweep.py`); these are test-split numbers. One thread, as `edgecl bench`.
+
+    .venv/bin/python benchmarks/results.py                  # every table, seeds 0-4, into README.md
+    .venv/bin/python benchmarks/results.py --tables pmnist --seeds 0 1 2 --no-readme
+
+Tables go to runs/results/<table>.md (and .json with every run's numbers); unless --no-readme,
+each replaces the lines between `<!-- results:<table> -->` and `<!-- /results:<table> -->` in
+README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecl.bench import load_config_benchmark, method_configs, run_protocol
+from edgecl.cli import use_threads
+from edgecl.joint import joint_training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Table:
+    config: str | None  # a preset under models/, or None for the defaults
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+TABLES = {
+    "pmnist": Table(None, {"benchmark": {"name": "pmnist"}}),
+    "rotmnist": Table(None, {"benchmark": {"name": "rotmnist"}}),
+    "basicmotions-conv1d": Table("models/basicmotions-conv1d.yaml"),
+    "basicmotions-mlp": Table("models/basicmotions-mlp.yaml"),
+    "basicmotions-classes-conv1d": Table("models/basicmotions-conv1d.yaml",
+                                         {"benchmark": {"name": "basicmotions-classes"}}),
+    "japanesevowels-conv1d": Table("models/basicmotions-conv1d.yaml",
+                                   {"benchmark": {"name": "japanesevowels"}}),
+}
+COLUMNS = ("method", "ACC", "BWT", "FWT", "train s", "training state", "deployable state")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--epochs", type=int, default=5, help="of the offline upper bound [5]")
+    p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    return p.parse_args()
+
+
+def run_table(table: Table, seeds: list[int], epochs: int) -> dict[str, list[dict[str, Any]]]:
+    """Every method's result per seed, and the offline bound's as method "joint"."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        configs = method_configs(
+            ROOT / table.config if table.config else None,
+            {**table.overrides, "seed": seed, "method": {"name": "all"}})
+        bench = load_config_benchmark(configs[0])
+        for cfg in configs:
+            result, _ = run_protocol(cfg, bench)
+            runs.setdefault(cfg.method.name, []).append(result)
+            print(f"seed {seed} {cfg.method.name}: ACC {result['acc']:.4f}", flush=True)
+        finetune = next(c for c in configs if c.method.name == "finetune")
+        joint = joint_training(finetune, bench, epochs)
+        runs.setdefault("joint", []).append(joint)
+        print(f"seed {seed} joint: ACC {joint['acc']:.4f}", flush=True)
+    return runs
+
+
+def mean_std(values: list[float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):{sign}.3f} ± {std:.3f}"
+
+
+def row(method: str, results: list[dict[str, Any]], epochs: int) -> list[str]:
+    if method == "joint":
+        return [f"offline upper bound ({epochs} epochs)", mean_std([r["acc"] for r in results]),
+                "", "", f"{statistics.mean(r['train_s'] for r in results):.1f}", "", ""]
+    fp = results[0]["footprint"]  # the same every seed
+    return [method, mean_std([r["acc"] for r in results]),
+            mean_std([r["bwt"] for r in results], signed=True),
+            mean_std([r["fwt"] for r in results], signed=True),
+            f"{statistics.mean(r['train_s'] for r in results):.1f}",
+            f"{fp['training_bytes']:,}", f"{fp['deployable_bytes']:,}"]
+
+
+def markdown(name: str, runs: dict[str, list[dict[str, Any]]], seeds: list[int],
+             epochs: int) -> str:
+    first = runs["finetune"][0]
+    lines = [f"`{name}`: {first['benchmark']}, {first['n_tasks']} tasks, "
+             f"{first['config']['net']['name']} net, seeds {', '.join(map(str, seeds))} "
+             "(mean ± std):", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(m, results, epochs)) + " |" for m, results in runs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def replace_in_readme(name: str, text: str) -> None:
+    readme = ROOT / "README.md"
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    old = readme.read_text()
+    if not pattern.search(old):
+        raise SystemExit(f"README.md has no {start} ... {end} block for this table")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}{end}", old))
+
+
+def main() -> None:
+    args = parse_args()
+    use_threads(1)
+    out = ROOT / "runs" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.tables:
+        runs = run_table(TABLES[name], args.seeds, args.epochs)
+        text = markdown(name, runs, args.seeds, args.epochs)
+        (out / f"{name}.md").write_text(text)
+        (out / f"{name}.json").write_text(json.dumps(runs, indent=1) + "\n")
+        if not args.no_readme:
+            replace_in_readme(name, text)
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

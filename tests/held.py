@@ -15,15 +15,16 @@ _LEAVES = (str, bytes, int, float, bool, type(None), type, types.ModuleType, typ
            torch.Generator, torch.device, torch.dtype)
 
 
-def held_bytes(root: Any, without: Any = None) -> int:
-    """Bytes of the tensor storages reachable from `root`, less those reachable from `without`."""
-    held = _storages(root)
-    for key in _storages(without) if without is not None else {}:
+def held_bytes(root: Any, without: Any = None, grads: bool = True) -> int:
+    """Bytes of the tensor storages reachable from `root` (through gradients too, if `grads`),
+    less those reachable from `without`."""
+    held = _storages(root, grads)
+    for key in _storages(without, grads) if without is not None else {}:
         held.pop(key, None)
     return sum(held.values())
 
 
-def _storages(root: Any) -> dict[tuple[str, int], int]:
+def _storages(root: Any, grads: bool) -> dict[tuple[str, int], int]:
     storages: dict[tuple[str, int], int] = {}
     seen: set[int] = set()
     stack = [root]
@@ -35,7 +36,7 @@ def _storages(root: Any) -> dict[tuple[str, int], int]:
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             storages[(str(storage.device), storage.data_ptr())] = storage.nbytes()
-            if obj.grad is not None:
+            if grads and obj.grad is not None:
                 stack.append(obj.grad)
         elif isinstance(obj, dict):
             stack.extend(obj.keys())

@@ -144,6 +144,20 @@ def test_eviction_keeps_most_recent_when_tasks_grow() -> None:
     assert last.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
 
 
+def test_a_budgeted_memory_reserves_its_storage_once_and_never_reallocates() -> None:
+    mem = EpisodicMemory((1,), per_task=4, max_tasks=4, budget_bytes=8 * BPS)
+    mem.add(*ids(0, 1, 2), slot=0)
+    (_, first, _), = mem.task_runs([0])
+    reserved = held_bytes(mem)
+    assert reserved == 8 * BPS  # the most it will ever store: 2 tasks x 4 or 4 tasks x 2
+    for slot in (1, 2, 3):  # 8, then 6, then 8 samples
+        mem.add(*ids(10 * slot, 10 * slot + 1), slot=slot)
+        (_, now, _), = mem.task_runs([0])
+        assert now.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        assert held_bytes(mem) == reserved
+    assert [stored_ids(mem, s) for s in range(4)] == [[1, 2], [10, 11], [20, 21], [30, 31]]
+
+
 def test_eviction_of_partly_filled_tasks() -> None:
     mem = EpisodicMemory((1,), per_task=6, max_tasks=3, budget_bytes=6 * BPS)
     mem.add(*ids(0, 1, 2, 3), slot=0)  # quota 6, not wrapped

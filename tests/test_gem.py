@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_learner, task_batches
+from conftest import make_learner, task_batches, train
 
 from edgecl.checkpoint import load_learner, save_checkpoint
 from edgecl.learners import gem
@@ -291,3 +292,67 @@ def test_memory_projection_forgets_less_than_finetuning(method):
             learner.observe(x, (y + 1) % 3, "t1")
         accuracy[name] = (learner.predict(x0, "t0").argmax(1) == y0).float().mean().item()
     assert accuracy[method] > accuracy["finetune"] + 0.2
+
+
+# --- against the GEM reference ---------------------------------------------------------------
+def project2cone2_port(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5,
+                       eps: float = 1e-3) -> torch.Tensor:
+    """The projection of the GEM reference (facebookresearch/GradientEpisodicMemory,
+    model/gem.py, `project2cone2`), ported from its math in float64: the dual
+
+        min_v ½ vᵀ(GGᵀ + eps·I)v + (Gg)ᵀv   s.t.  v >= margin,   then  g̃ = Gᵀv + g.
+
+    The reference hands the dual to quadprog; this port solves it exactly without it: the QP is
+    strictly convex, so its one KKT point is found by trying every set of free constraints."""
+    G, g = G.double(), g.double()
+    P = G @ G.T
+    P = 0.5 * (P + P.T) + eps * torch.eye(len(G), dtype=P.dtype)
+    q = G @ g
+    for free in itertools.product([False, True], repeat=len(G)):
+        free = torch.tensor(free)
+        v = torch.full((len(G),), margin, dtype=P.dtype)
+        if free.any():  # stationary in the free coordinates, the others at the bound
+            v[free] = torch.linalg.solve(P[free][:, free], -(q[free] + P[free][:, ~free]
+                                                             @ v[~free]))
+        multipliers = P @ v + q
+        if (v[free] >= margin).all() and (multipliers[~free] >= 0).all():
+            return G.T @ v + g
+    raise AssertionError("no KKT point: the dual is not strictly convex")
+
+
+@pytest.mark.parametrize("relabelled", [0, 1, 2])
+def test_a_gem_step_is_the_reference_projection(relabelled):
+    learner = make_learner("gem", max_tasks=4)
+    for t in range(3):
+        train(learner, t, n_batches=2)
+    x, y = task_batches(relabelled, n_batches=1)[0]
+    y = (y + 1) % 3  # an old task's inputs, relabelled: pulls against its memory
+    before = copy.deepcopy(learner)
+    G = loop_gradients(before.net, before.memory, [0, 1, 2])
+    params = list(before.net.parameters())
+    loss = F.cross_entropy(before.net(x, 3), y)
+    g = flatten(torch.autograd.grad(loss, params), params)
+    assert (G @ g < 0).any()  # the step needs a projection
+    expected = project2cone2_port(g, G)
+
+    learner.observe(x, y, "t3")
+    projections = before.stats().get("gem_projections", 0) + 1
+    assert learner.stats() == {**before.stats(), "gem_projections": projections}  # no retry
+    torch.testing.assert_close(learner.flat_grad().double(), expected, rtol=1e-4, atol=1e-6)
+    stepped = torch.cat([p.detach().flatten() for p in learner.net.parameters()])
+    start = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(stepped.double(), start.double() - 0.1 * expected,
+                               rtol=1e-5, atol=1e-6)  # plain SGD along g̃, lr 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_exact_gem_on_compact_memory_decodes_one_task_at_a_time(dtype):
+    learner = make_learner("gem", "per_task", max_tasks=4, memory={"dtype": dtype})
+    for slot, n in enumerate((8, 3, 8)):
+        x, y = task_batches(slot, n_batches=1, batch=n)[0]
+        learner.memory.add(x / 2, y, slot)
+    past = learner.past_memory(3)
+    assert [len(x) for _, x, _ in learner.memory.task_runs(past.slots)] == [1, 1, 1]
+    G = learner.past_task_gradients(past)
+    torch.testing.assert_close(G, loop_gradients(learner.net, learner.memory, [0, 1, 2]),
+                               rtol=1e-4, atol=1e-6)

@@ -4,7 +4,7 @@ Both store every batch in the episodic memory of its task (the newest `memory.pe
 GEM's n_memories) and change the current gradient g only where it would raise the loss of a past
 task:
 
-    GEM:    G = [∇ℓ_k] for every past task k, each on its whole memory (one batched pass)
+    GEM:    G = [∇ℓ_k] for every past task k, each on its whole memory (batched passes)
             if any G_k·g < 0:  v = argmin ½ vᵀ(GGᵀ + eps·I)v + (Gg)ᵀv  s.t. v >= margin
                                g ← Gᵀv + g
     A-GEM:  g_ref = ∇ℓ on a random batch of all past tasks' memories
@@ -13,6 +13,11 @@ task:
 then an optimiser step along g. Gradients are flat float32 vectors over every parameter of the net
 (`net.parameters()` order). In per_task head mode each past task's loss goes through its own head,
 so its row of G is zero on the other heads.
+
+A step reads float32 memory in place, in one pass over every past task. Compact memory (float16,
+uint8) is decoded into the memory's own decode buffer, inside its byte budget: only the samples
+a step reads (A-GEM's reference batch, fast GEM's subsample), or for exact GEM one past task's
+memory at a time, one pass each. No float32 copy of the memory is kept.
 
 Fast GEM (`fast: true`) draws afresh at every step `fast_tasks` of the past tasks and
 `fast_samples` of each one's memory samples, and constrains the step by those gradients only: a

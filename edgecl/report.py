@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-COLUMNS = ("method", "ACC", "BWT", "FWT", "wall s", "samples/s", "memory bytes")
+# training MB: what the device keeps to go on learning; deployable MB: what serving every task
+# needs (see `edgecl.learners.Footprint`); MB = 10^6 bytes
+COLUMNS = ("method", "ACC", "BWT", "FWT", "wall s", "samples/s", "training MB", "deployable MB")
 
 
 def _pyplot():
@@ -23,7 +25,7 @@ def summary_row(result: dict[str, Any]) -> tuple[str, ...]:
     fp = result["footprint"]
     return (result["method"], f"{result['acc']:.3f}", f"{result['bwt']:+.3f}",
             f"{result['fwt']:+.3f}", f"{result['wall_s']:.1f}", f"{result['samples_per_s']:,.0f}",
-            f"{fp['state_bytes']:,}")
+            f"{fp['training_bytes'] / 1e6:.2f}", f"{fp['deployable_bytes'] / 1e6:.2f}")
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:

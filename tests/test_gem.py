@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_learner, task_batches
+from conftest import make_learner, task_batches, train
 
 from edgecl.checkpoint import load_learner, save_checkpoint
 from edgecl.learners import gem
@@ -28,6 +30,12 @@ def loop_gradients(net, memory, slots) -> torch.Tensor:
         loss = F.cross_entropy(net(x, slot), y)
         rows.append(flatten(torch.autograd.grad(loss, params, allow_unused=True), params))
     return torch.stack(rows)
+
+
+def past_rows(learner, past) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of every past task's memory rows, batched: `x [k, quota, ...]`, `y [k, quota]`."""
+    runs = [(x.clone(), y.clone()) for _, x, y in learner.memory.task_runs(past.slots)]
+    return torch.cat([x for x, _ in runs]), torch.cat([y for _, y in runs])
 
 
 def fill_memory(learner, sizes: dict[int, int]) -> None:
@@ -56,10 +64,11 @@ def test_batched_gradients_equal_a_per_task_loop_and_ignore_empty_rows(head, cou
     fill_memory(learner, dict(enumerate(counts)))
     past = learner.past_memory(3)
     assert past.counts == counts
-    x = past.x.clone()
+    x, y = past_rows(learner, past)
     for task, n in enumerate(counts):
         x[task, n:] = 1e3  # garbage where nothing is stored
-    G = per_task_gradients(learner.net, x, past.y, past.counts, past.heads)
+    G = per_task_gradients(learner.net, x, y, past.counts,
+                           past.head_index(learner.device))
     expected = loop_gradients(learner.net, learner.memory, [0, 1, 2])
     assert G.shape == expected.shape
     torch.testing.assert_close(G, expected, rtol=1e-4, atol=1e-6)
@@ -74,7 +83,8 @@ def test_batched_gradients_of_a_batchnorm_body_leave_its_statistics_alone(head):
         learner.memory.add(x, y, slot)
     stats = copy.deepcopy(learner.net.state_dict())
     past = learner.past_memory(2)
-    G = per_task_gradients(learner.net, past.x, past.y, past.counts, past.heads)
+    G = per_task_gradients(learner.net, *past_rows(learner, past), past.counts,
+                           past.head_index(learner.device))
     expected = loop_gradients(copy.deepcopy(learner.net), learner.memory, [0, 1])
     torch.testing.assert_close(G, expected, rtol=1e-4, atol=1e-5)
     for name, value in learner.net.state_dict().items():
@@ -128,8 +138,7 @@ def test_a_step_without_violation_is_plain_sgd_and_a_violation_is_projected():
     for a, b in zip(learner.net.parameters(), finetune.net.parameters(), strict=True):
         assert torch.equal(a, b)
 
-    past = learner.past_memory(2)
-    G = per_task_gradients(learner.net, past.x, past.y, past.counts, past.heads)
+    G = learner.past_task_gradients(learner.past_memory(2))
     learner.observe(x, (y + 1) % 3, "t2")  # relabelled: pulls against both memories
     assert learner.stats()["gem_projections"] == 1
     assert (G @ learner.flat_grad() >= 0).all()  # the step taken hurts no past task
@@ -235,8 +244,9 @@ def test_fast_gem_subsamples_past_tasks_and_their_filled_rows():
                            params={"fast": True, "fast_tasks": 2, "fast_samples": 4})
     fill_memory(learner, {0: 8, 1: 2, 2: 8})
     past = learner.past_memory(3)
-    draws = [learner.subsample(past, 2, 4) for _ in range(8)]
-    for draw in draws:
+    draws = []
+    for _ in range(8):
+        draw = learner.subsample(past, 2, 4)  # its samples last until the next decode
         assert len(set(draw.slots)) == 2 and draw.x.shape[:2] == (2, 4)
         for task, slot in enumerate(draw.slots):
             stored_x, stored_y = learner.memory.get(slot)
@@ -246,6 +256,7 @@ def test_fast_gem_subsamples_past_tasks_and_their_filled_rows():
             same = (picked.unsqueeze(1) == stored_x.flatten(1).unsqueeze(0)).all(-1)
             assert same.any(1).all()  # every picked row is a stored sample of its task...
             assert len(set(same.float().argmax(1).tolist())) == n  # ...picked once
+        draws.append(dataclasses.replace(draw, x=draw.x.clone()))
     assert len({d.slots for d in draws}) > 1
     assert len({tuple(d.x[0, :, 0, 0, 0].tolist()) for d in draws}) > 1
 
@@ -283,12 +294,65 @@ def test_memory_projection_forgets_less_than_finetuning(method):
     assert accuracy[method] > accuracy["finetune"] + 0.2
 
 
-@pytest.mark.parametrize(("dtype", "copied"), [("float32", False), ("uint8", True)])
-def test_footprint_counts_the_past_memory_batch_only_where_it_is_a_copy(dtype, copied):
-    learner = make_learner("gem", max_tasks=3, memory={"dtype": dtype})
-    for slot in range(2):
-        x, y = task_batches(slot, n_batches=1)[0]
-        learner.observe(x / 2, y, f"t{slot}")  # in [0, 1], as uint8 storage needs
-    past = learner.past_memory(1)
-    assert learner.memory.is_view(past.x) is not copied
-    assert learner.footprint().working_bytes == (past.x.nbytes + past.y.nbytes if copied else 0)
+# --- against the GEM reference ---------------------------------------------------------------
+def project2cone2_port(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5,
+                       eps: float = 1e-3) -> torch.Tensor:
+    """The projection of the GEM reference (facebookresearch/GradientEpisodicMemory,
+    model/gem.py, `project2cone2`), ported from its math in float64: the dual
+
+        min_v ½ vᵀ(GGᵀ + eps·I)v + (Gg)ᵀv   s.t.  v >= margin,   then  g̃ = Gᵀv + g.
+
+    The reference hands the dual to quadprog; this port solves it exactly without it: the QP is
+    strictly convex, so its one KKT point is found by trying every set of free constraints."""
+    G, g = G.double(), g.double()
+    P = G @ G.T
+    P = 0.5 * (P + P.T) + eps * torch.eye(len(G), dtype=P.dtype)
+    q = G @ g
+    for free in itertools.product([False, True], repeat=len(G)):
+        free = torch.tensor(free)
+        v = torch.full((len(G),), margin, dtype=P.dtype)
+        if free.any():  # stationary in the free coordinates, the others at the bound
+            v[free] = torch.linalg.solve(P[free][:, free], -(q[free] + P[free][:, ~free]
+                                                             @ v[~free]))
+        multipliers = P @ v + q
+        if (v[free] >= margin).all() and (multipliers[~free] >= 0).all():
+            return G.T @ v + g
+    raise AssertionError("no KKT point: the dual is not strictly convex")
+
+
+@pytest.mark.parametrize("relabelled", [0, 1, 2])
+def test_a_gem_step_is_the_reference_projection(relabelled):
+    learner = make_learner("gem", max_tasks=4)
+    for t in range(3):
+        train(learner, t, n_batches=2)
+    x, y = task_batches(relabelled, n_batches=1)[0]
+    y = (y + 1) % 3  # an old task's inputs, relabelled: pulls against its memory
+    before = copy.deepcopy(learner)
+    G = loop_gradients(before.net, before.memory, [0, 1, 2])
+    params = list(before.net.parameters())
+    loss = F.cross_entropy(before.net(x, 3), y)
+    g = flatten(torch.autograd.grad(loss, params), params)
+    assert (G @ g < 0).any()  # the step needs a projection
+    expected = project2cone2_port(g, G)
+
+    learner.observe(x, y, "t3")
+    projections = before.stats().get("gem_projections", 0) + 1
+    assert learner.stats() == {**before.stats(), "gem_projections": projections}  # no retry
+    torch.testing.assert_close(learner.flat_grad().double(), expected, rtol=1e-4, atol=1e-6)
+    stepped = torch.cat([p.detach().flatten() for p in learner.net.parameters()])
+    start = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(stepped.double(), start.double() - 0.1 * expected,
+                               rtol=1e-5, atol=1e-6)  # plain SGD along g̃, lr 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_exact_gem_on_compact_memory_decodes_one_task_at_a_time(dtype):
+    learner = make_learner("gem", "per_task", max_tasks=4, memory={"dtype": dtype})
+    for slot, n in enumerate((8, 3, 8)):
+        x, y = task_batches(slot, n_batches=1, batch=n)[0]
+        learner.memory.add(x / 2, y, slot)
+    past = learner.past_memory(3)
+    assert [len(x) for _, x, _ in learner.memory.task_runs(past.slots)] == [1, 1, 1]
+    G = learner.past_task_gradients(past)
+    torch.testing.assert_close(G, loop_gradients(learner.net, learner.memory, [0, 1, 2]),
+                               rtol=1e-4, atol=1e-6)

@@ -6,11 +6,12 @@ when it runs.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from pydantic import BaseModel
 
-from edgecl.config import MethodConfig
+from edgecl.config import ConfigError, MethodConfig
 from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
 
 # name -> "module:Class", in the order comparisons list them.
@@ -44,5 +45,18 @@ def build_learner(spec: LearnerSpec) -> Learner:
     return learner_class(spec.config.method.name)(spec)
 
 
+def check_learner(spec: LearnerSpec) -> None:
+    """Build `spec`'s learner on the CPU and drop it, so that whatever the method refuses (a
+    memory budget too small for max_tasks beside its decode buffer, WSN capacities that do not
+    fit the net) is refused before any training, as a one-line ConfigError."""
+    cpu = dataclasses.replace(spec, config=spec.config.model_copy(update={"device": "cpu"}))
+    try:
+        build_learner(cpu)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{spec.config.method.name}: {e}") from None
+
+
 __all__ = ["LEARNERS", "Footprint", "Learner", "LearnerSpec", "StepStats", "build_learner",
-           "learner_class", "method_params"]
+           "check_learner", "learner_class", "method_params"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -62,39 +63,59 @@ class StepStats:
 
 @dataclass
 class Footprint:
-    """Bytes a learner holds on its device."""
+    """Bytes a learner holds on its device, in two totals that every method reports alike.
+
+    `training_bytes`: what the device keeps to go on learning: every parameter (WSN: its scores
+    too), room for the gradients of the trainable ones, the net's buffers, the optimiser's state
+    (momentum, Adam's moments), the episodic memory with its decode buffer, and the method's own
+    state (Fisher or Ω and the anchor, LwF's teacher, WSN's masks and its map of used weights).
+    `deployable_bytes`: what serving every task learned so far needs: the weights, heads and
+    buffers inference reads (WSN: its packed masks too, not its scores; LwF: not its teacher).
+    """
 
     params_bytes: int
+    grad_bytes: int
     buffers_bytes: int
     optimizer_bytes: int
     memory_bytes: int
     method_state_bytes: int
-    masks_bytes: int = 0
-    working_bytes: int = 0  # copies a method keeps to go fast (GEM: decoded past memories)
+    deployable_bytes: int
     details: dict[str, float] = field(default_factory=dict)
 
     @property
     def state_bytes(self) -> int:
-        """What the method holds beyond the net and its optimiser."""
-        return self.memory_bytes + self.method_state_bytes + self.masks_bytes + self.working_bytes
+        """What the method holds beyond the net, its gradients and its optimiser."""
+        return self.memory_bytes + self.method_state_bytes
 
     @property
-    def total_bytes(self) -> int:
-        return self.params_bytes + self.buffers_bytes + self.optimizer_bytes + self.state_bytes
+    def training_bytes(self) -> int:
+        return (self.params_bytes + self.grad_bytes + self.buffers_bytes + self.optimizer_bytes
+                + self.state_bytes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "state_bytes": self.state_bytes, "total_bytes": self.total_bytes}
+        return {**asdict(self), "state_bytes": self.state_bytes,
+                "training_bytes": self.training_bytes}
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor inside nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    """Bytes of the storage of every tensor inside nested dicts/lists/tuples, each storage once
+    (a view costs nothing beyond the tensor it views)."""
+    storages = {}
+    for t in _tensors(obj):
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -286,13 +307,17 @@ class Learner(ABC):
         self.counters[event] = self.counters.get(event, 0) + n
 
     def footprint(self) -> Footprint:
+        params = list(self.net.parameters())
+        buffers = list(self.net.buffers())
         mem = self.memory.footprint() if self.memory is not None else {}
         return Footprint(
-            params_bytes=tensor_bytes(list(self.net.parameters())),
-            buffers_bytes=tensor_bytes(list(self.net.buffers())),
+            params_bytes=tensor_bytes(params),
+            grad_bytes=sum(p.nbytes for p in params if p.requires_grad),
+            buffers_bytes=tensor_bytes(buffers),
             optimizer_bytes=tensor_bytes(self.optimizer.state_dict()["state"]),
             memory_bytes=int(mem.get("memory_bytes", 0)),
             method_state_bytes=tensor_bytes(self.method_state()),
+            deployable_bytes=tensor_bytes([*params, *buffers]),
             details={k: v for k, v in mem.items() if k != "memory_bytes"},
         )
 

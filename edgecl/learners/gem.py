@@ -4,7 +4,7 @@ Both store every batch in the episodic memory of its task (the newest `memory.pe
 GEM's n_memories) and change the current gradient g only where it would raise the loss of a past
 task:
 
-    GEM:    G = [∇ℓ_k] for every past task k, each on its whole memory (one batched pass)
+    GEM:    G = [∇ℓ_k] for every past task k, each on its whole memory (batched passes)
             if any G_k·g < 0:  v = argmin ½ vᵀ(GGᵀ + eps·I)v + (Gg)ᵀv  s.t. v >= margin
                                g ← Gᵀv + g
     A-GEM:  g_ref = ∇ℓ on a random batch of all past tasks' memories
@@ -13,6 +13,11 @@ task:
 then an optimiser step along g. Gradients are flat float32 vectors over every parameter of the net
 (`net.parameters()` order). In per_task head mode each past task's loss goes through its own head,
 so its row of G is zero on the other heads.
+
+A step reads float32 memory in place, in one pass over every past task. Compact memory (float16,
+uint8) is decoded into the memory's own decode buffer, inside its byte budget: only the samples
+a step reads (A-GEM's reference batch, fast GEM's subsample), or for exact GEM one past task's
+memory at a time, one pass each. No float32 copy of the memory is kept.
 
 Fast GEM (`fast: true`) draws afresh at every step `fast_tasks` of the past tasks and
 `fast_samples` of each one's memory samples, and constrains the step by those gradients only: a
@@ -25,7 +30,6 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,7 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
+from edgecl.config import MemoryConfig
+from edgecl.learners.base import Learner, LearnerSpec, StepStats, resolve_device
+from edgecl.memory import EpisodicMemory
 from edgecl.nets import TaskNet
 
 
@@ -58,30 +64,35 @@ class AGEMParams(BaseModel):
 
 @dataclass(frozen=True)
 class PastMemory:
-    """The memories of every stored task but the current one, batched for one pass. Task i's
-    filled rows are the prefix `x[i, :counts[i]]`."""
+    """Every stored task but the current one: task i is `slots[i]`, whose memory holds
+    `counts[i]` samples (the first of its row of `quota`) and goes through head `heads[i]`.
+    Holds no tensor: everything a method keeps between steps lies in the memory's budget."""
 
     slots: tuple[int, ...]
-    x: torch.Tensor  # [k, quota, *input_shape] float32
-    y: torch.Tensor  # [k, quota]
-    counts: tuple[int, ...]  # filled rows per task
-    heads: torch.Tensor  # [k] head index of each task
+    counts: tuple[int, ...]
+    heads: tuple[int, ...]
+    quota: int
 
-    @property
-    def quota(self) -> int:
-        return self.x.shape[1]
+    def head_index(self, device: torch.device) -> torch.Tensor:
+        """`heads` as a tensor on `device`."""
+        return torch.tensor(self.heads, device=device)
 
-    @cached_property
     def filled_rows(self) -> torch.Tensor:
-        """Indices of the filled rows among all `k * quota` rows, on the CPU."""
+        """Indices `task * quota + position` of the filled samples, on the CPU."""
         return torch.cat([task * self.quota + torch.arange(n)
                           for task, n in enumerate(self.counts)])
 
-    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and labels of `rows` (indices among all `k * quota` rows, any shape)."""
-        flat = rows.flatten()
-        x = self.x.flatten(0, 1).index_select(0, flat)
-        return x.view(*rows.shape, *self.x.shape[2:]), self.y.flatten()[flat].view(rows.shape)
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Memory samples of a few past tasks, batched: task i is `slots[i]`, with its samples in
+    `x[i, :counts[i]]`, `y[i, :counts[i]]`, through head `heads[i]`."""
+
+    slots: tuple[int, ...]
+    x: torch.Tensor  # [k, n, *input_shape] float32
+    y: torch.Tensor  # [k, n]
+    counts: tuple[int, ...]
+    heads: torch.Tensor
 
 
 def per_task_gradients(net: TaskNet, x: torch.Tensor, y: torch.Tensor, counts: tuple[int, ...],
@@ -225,12 +236,26 @@ class EpisodicProjection(Learner):
     uses_memory = True
 
     def __init__(self, spec: LearnerSpec) -> None:
+        params = self.Params.model_validate(spec.config.method.params)
+        memory = spec.config.memory
+        # built first: a budget too small for max_tasks beside the decode buffer is refused
+        # with the decode buffer named
+        episodic = EpisodicMemory(spec.input_shape, memory.per_task, spec.max_tasks,
+                                  memory.budget_bytes, memory.dtype,
+                                  resolve_device(spec.config.device),
+                                  self.decode_rows(params, memory))
         super().__init__(spec)
+        self.memory = episodic
         self._past: PastMemory | None = None
         heads = self.net.heads
         # the head each parameter belongs to (None: the shared body)
         self._param_head: list[int | None] = [None for _ in self.net.body.parameters()] + [
             h for h in range(len(heads)) for _ in heads[h].parameters()]
+
+    @classmethod
+    @abstractmethod
+    def decode_rows(cls, params: Any, memory: MemoryConfig) -> int:
+        """Rows of float32 the memory decodes into at once: what one step reads of it."""
 
     @abstractmethod
     def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
@@ -252,33 +277,30 @@ class EpisodicProjection(Learner):
         return StepStats(loss.detach())
 
     def past_memory(self, slot: int) -> PastMemory | None:
-        """Every stored task but `slot`, batched; None while there is none.
+        """Every stored task but `slot`; None while there is none.
 
-        Cached until the set of past tasks or the quota changes: a task's memory only changes
-        while it is the current task (or when the quota shrinks), and that changes the key.
+        Cached until the set of past tasks or the quota changes: a past task's sample count only
+        changes when the quota shrinks.
         """
         slots = tuple(s for s in self.memory.tasks if s != slot)
         if not slots:
             return None
         past = self._past
         if past is None or past.slots != slots or past.quota != self.memory.quota:
-            x, y = self.memory.batched(list(slots))
             counts = tuple(self.memory.filled(s) for s in slots)
-            heads = torch.tensor([self.net.head_index(s) for s in slots], device=self.device)
-            past = self._past = PastMemory(slots, x, y, counts, heads)
+            heads = tuple(self.net.head_index(s) for s in slots)
+            past = self._past = PastMemory(slots, counts, heads, self.memory.quota)
         return past
+
+    def gather(self, past: PastMemory, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory samples `rows` (indices `task * quota + position`, any shape, on the device),
+        decoded: inputs `[*rows.shape, *input_shape]` and labels `rows.shape`."""
+        x, y = self.memory.gather(past.slots, rows.flatten() // past.quota,
+                                  rows.flatten() % past.quota)
+        return x.view(*rows.shape, *x.shape[1:]), y.view(rows.shape)
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self._past = None  # the memory was replaced
-
-    def footprint(self) -> Footprint:
-        """Also counts the batch of past memories where it is a copy (not a view) of the
-        episodic memory: float16 or uint8 storage decoded to float32, or a task returning."""
-        fp = super().footprint()
-        past = self._past
-        if past is not None and not self.memory.is_view(past.x):
-            fp.working_bytes = past.x.nbytes + past.y.nbytes
-        return fp
 
     def flat_grad(self) -> torch.Tensor:
         params = list(self.net.parameters())
@@ -333,23 +355,43 @@ class GEM(EpisodicProjection):
     def retry_eps(self, GGt: torch.Tensor) -> float:
         return max(100 * self.params.qp_eps, 1e-3 * float(GGt.diagonal().mean()))
 
+    @classmethod
+    def decode_rows(cls, params: GEMParams, memory: MemoryConfig) -> int:
+        """Fast GEM decodes its subsample; exact GEM reads float32 memory in place and decodes
+        compact memory one task's row at a time, one pass per task (on pmnist with uint8
+        memory, the past-task gradients take 1.09x float32's time: benchmarks/memory_dtype.py)."""
+        if params.fast:
+            return params.fast_tasks * params.fast_samples
+        return 0 if memory.dtype == "float32" else memory.per_task
+
     def past_task_gradients(self, past: PastMemory) -> torch.Tensor:
         if self.params.fast:
-            past = self.subsample(past, self.params.fast_tasks, self.params.fast_samples)
-        return per_task_gradients(self.net, past.x, past.y, past.counts, past.heads)
+            b = self.subsample(past, self.params.fast_tasks, self.params.fast_samples)
+            return per_task_gradients(self.net, b.x, b.y, b.counts, b.heads)
+        heads = past.head_index(self.device)
+        G = None
+        for i, x, y in self.memory.task_runs(past.slots):
+            k = len(x)
+            part = per_task_gradients(self.net, x, y, past.counts[i:i + k], heads[i:i + k])
+            if k == len(past.slots):
+                return part
+            if G is None:
+                G = part.new_empty(len(past.slots), part.shape[1])
+            G[i:i + k] = part
+        return G
 
-    def subsample(self, past: PastMemory, n_tasks: int, n_samples: int) -> PastMemory:
-        """`n_tasks` random past tasks, each with `n_samples` random filled rows of its memory
+    def subsample(self, past: PastMemory, n_tasks: int, n_samples: int) -> TaskBatch:
+        """`n_tasks` random past tasks, each with `n_samples` random filled samples of its memory
         (all of them where there are fewer)."""
         tasks = torch.randperm(len(past.counts), generator=self.rng)[:n_tasks]
         counts = torch.tensor(past.counts)[tasks]
         keys = torch.rand(len(tasks), past.quota, generator=self.rng)
         keys[torch.arange(past.quota) >= counts.unsqueeze(1)] = 2.0  # empty rows sort last
         rows = keys.topk(min(n_samples, past.quota), dim=1, largest=False).indices
-        x, y = past.gather((tasks.unsqueeze(1) * past.quota + rows).to(self.device))
-        return PastMemory(tuple(past.slots[i] for i in tasks.tolist()), x, y,
-                          tuple(counts.clamp(max=n_samples).tolist()),
-                          past.heads[tasks.to(self.device)])
+        x, y = self.gather(past, (tasks.unsqueeze(1) * past.quota + rows).to(self.device))
+        return TaskBatch(tuple(past.slots[i] for i in tasks.tolist()), x, y,
+                         tuple(counts.clamp(max=n_samples).tolist()),
+                         past.head_index(self.device)[tasks.to(self.device)])
 
 
 class AGEM(EpisodicProjection):
@@ -366,14 +408,20 @@ class AGEM(EpisodicProjection):
         self.count("agem_projections")
         return projected
 
+    @classmethod
+    def decode_rows(cls, params: AGEMParams, memory: MemoryConfig) -> int:
+        return params.ref_batch
+
     def reference_gradient(self, past: PastMemory) -> torch.Tensor:
-        """Gradient of the mean loss on `ref_batch` filled memory rows drawn without replacement
-        with `self.rng` (all of them when there are fewer), each through its task's head."""
-        filled = past.filled_rows
+        """Gradient of the mean loss on `ref_batch` filled memory samples drawn without
+        replacement with `self.rng` (all of them when there are fewer), each through its task's
+        head. Only those samples are decoded."""
+        filled = past.filled_rows()
         pick = torch.randperm(len(filled), generator=self.rng)[:self.params.ref_batch]
         rows = filled[pick].to(self.device)
-        x, y = past.gather(rows)
-        loss = F.cross_entropy(rows_forward(self.net, x, past.heads[rows // past.quota]), y)
+        x, y = self.gather(past, rows)
+        heads = past.head_index(self.device)[rows // past.quota]
+        loss = F.cross_entropy(rows_forward(self.net, x, heads), y)
         params = list(self.net.parameters())
         return flatten(torch.autograd.grad(loss, params, allow_unused=True), params)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 
-from edgecl.learners.base import Footprint, Learner, StepStats, make_optimizer
+from edgecl.learners.base import Footprint, Learner, StepStats, make_optimizer, tensor_bytes
 from edgecl.memory.masks import TaskMasks
 from edgecl.nets import build_body
 from edgecl.nets.masked import MaskedTaskNet
@@ -159,9 +159,18 @@ class WSN(Learner):
                 "capacity_used_after_task": list(self.capacity_used)}
 
     def footprint(self) -> Footprint:
+        """Training state: besides the net's weights, its scores (and their Adam moments) and
+        every task's head, the packed masks, the map of used weights with its frozen views and
+        the unpacked mask of the task last run. Deployable: weights, heads, BatchNorms and the
+        packed masks, not the scores."""
         fp = super().footprint()
-        fp.masks_bytes = self.masks.raw_bytes
-        fp.method_state_bytes = 0  # the method state is the packed masks, counted just above
+        layers = self.net.masked_layers
+        kept = [self.method_state(), self.used, [where for _, where in self.frozen],
+                [layer.task_mask for layer in layers if layer.task_mask is not None]]
+        fp.method_state_bytes = tensor_bytes(kept)
+        scores = {id(layer.scores) for layer in layers}
+        served = [p for p in self.net.parameters() if id(p) not in scores]
+        fp.deployable_bytes = tensor_bytes([*served, *self.net.buffers(), self.method_state()])
         fp.details.update(self.masks.footprint())
         fp.details["capacity_used"] = self.capacity_used[-1] if self.capacity_used else 0.0
         return fp

@@ -1,19 +1,32 @@
 """GEM's episodic memory: a per-task ring buffer of past samples inside a hard byte budget.
 
-Storage is one contiguous input tensor `[n_tasks_seen, quota, *input_shape]` (float32, float16 or
-uint8) plus an int64 label tensor `[n_tasks_seen, quota]`, so all past tasks' memories can be read
-in one batched tensor. Each task keeps its `quota` most recent samples; when a new task arrives
-and the budget no longer fits `quota` slots per task, the quota shrinks and every task keeps its
-most recent samples. Filled rows are always a prefix `[0, filled)` of a task's row.
+Storage is one contiguous input tensor viewed as `[n_tasks_seen, quota, *input_shape]` (float32,
+float16 or uint8) plus an int64 label tensor `[n_tasks_seen, quota]`. Each task keeps its `quota`
+most recent samples; when a new task arrives and the budget no longer fits `quota` slots per task,
+the quota shrinks and every task keeps its most recent samples, moved in place. Filled rows are
+always a prefix `[0, filled)` of a task's row.
+
+A step reads samples as float32. Float32 storage is read in place; compact storage (float16,
+uint8) is decoded into one decode buffer of `decode_rows` rows that the method sizes to what a
+step reads (A-GEM: its reference batch; exact GEM: one task's memory at a time), so no decoded
+copy of the whole memory ever exists.
+
+The byte budget covers the stored samples and the decode buffer. A budgeted memory reserves its
+storage once, at its first sample, and never reallocates it, so adding a task never holds more
+than the budget. A budget that cannot hold one sample of each of `max_tasks` tasks beside the
+decode buffer is refused when the memory is built, before any learning.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
+from edgecl.config import ConfigError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 _LABEL_BYTES = torch.int64.itemsize
@@ -21,8 +34,18 @@ _FLOAT16_MAX = torch.finfo(torch.float16).max
 _STATE_VERSION = 1
 
 
-class MemoryBudgetError(ValueError):
-    """The byte budget cannot hold even one sample per task."""
+class MemoryBudgetError(ConfigError):
+    """The byte budget cannot hold one sample of every task beside the decode buffer."""
+
+
+def sample_bytes(input_shape: Sequence[int], dtype: str) -> int:
+    """Stored bytes of one sample: its input in `dtype` and its int64 label."""
+    return math.prod(input_shape) * _DTYPES[dtype].itemsize + _LABEL_BYTES
+
+
+def decoded_bytes(input_shape: Sequence[int]) -> int:
+    """Bytes of one row of the decode buffer: a float32 input and its int64 label."""
+    return math.prod(input_shape) * torch.float32.itemsize + _LABEL_BYTES
 
 
 class EpisodicMemory:
@@ -36,6 +59,7 @@ class EpisodicMemory:
         budget_bytes: int | None = None,
         dtype: str = "float32",
         device: torch.device | str = "cpu",
+        decode_rows: int = 0,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"memory dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
@@ -45,23 +69,27 @@ class EpisodicMemory:
             raise ValueError(f"per_task and max_tasks must be >= 1; got {per_task}, {max_tasks}")
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0 or None; got {budget_bytes}")
+        if decode_rows < 0:
+            raise ValueError(f"decode_rows must be >= 0; got {decode_rows}")
         self.input_shape = tuple(int(d) for d in input_shape)
         self.per_task = int(per_task)
         self.max_tasks = int(max_tasks)
         self.budget_bytes = budget_bytes
         self.dtype = dtype
         self.device = torch.device(device)
-        self.bytes_per_sample = (
-            math.prod(self.input_shape) * _DTYPES[dtype].itemsize + _LABEL_BYTES
-        )
+        self.bytes_per_sample = sample_bytes(self.input_shape, dtype)
+        self.decode_rows = int(decode_rows)
+        self.decode_bytes = self.decode_rows * decoded_bytes(self.input_shape)
+        self._quota_for(self.max_tasks)  # a budget too small for max_tasks is refused now
+        self._bx = torch.zeros((0, *self.input_shape), dtype=_DTYPES[dtype], device=self.device)
+        self._by = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._dx = torch.zeros((self.decode_rows, *self.input_shape), device=self.device)
+        self._dy = torch.zeros(self.decode_rows, dtype=torch.int64, device=self.device)
         self.clear()
 
     def clear(self) -> None:
-        """Forget every stored sample and task."""
-        # no task stored: zero rows, but the quota one task would get (checks the budget)
-        self._x = torch.zeros((0, self._quota_for(1), *self.input_shape),
-                              dtype=_DTYPES[self.dtype], device=self.device)
-        self._y = torch.zeros((0, self.quota), dtype=torch.int64, device=self.device)
+        """Forget every stored sample and task (the storage stays reserved)."""
+        self._quota = self._quota_for(1)  # no task stored: the quota one task would get
         self._slots: list[int] = []  # row -> slot, in first-seen order
         self._row: dict[int, int] = {}  # slot -> row
         self._filled: list[int] = []  # per row
@@ -71,14 +99,35 @@ class EpisodicMemory:
         """Slots per task when `n_tasks` tasks share the budget; raises if that is 0."""
         if self.budget_bytes is None:
             return self.per_task
-        quota = min(self.per_task, self.budget_bytes // (self.bytes_per_sample * n_tasks))
+        room = max(0, self.budget_bytes - self.decode_bytes)
+        quota = min(self.per_task, room // (self.bytes_per_sample * n_tasks))
         if quota == 0:
+            decode = (f" + a decode buffer of {self.decode_rows} float32 rows "
+                      f"({self.decode_bytes} bytes)" if self.decode_rows else "")
             raise MemoryBudgetError(
-                f"memory budget of {self.budget_bytes} bytes cannot hold one sample per task: "
-                f"{self.bytes_per_sample} bytes per sample x {n_tasks} tasks needs at least "
-                f"{self.bytes_per_sample * n_tasks} bytes"
-            )
+                f"memory.budget_bytes: {self.budget_bytes} bytes cannot hold one sample per task "
+                f"for {n_tasks} tasks: {self.bytes_per_sample} bytes per {self.dtype} sample x "
+                f"{n_tasks} tasks{decode} needs at least "
+                f"{self.bytes_per_sample * n_tasks + self.decode_bytes} bytes")
         return quota
+
+    def _budget_rows(self) -> int:
+        """The most sample rows the budget ever stores, at any number of tasks."""
+        return max(n * self._quota_for(n) for n in range(1, self.max_tasks + 1))
+
+    def _reserve(self, rows: int) -> None:
+        """Make the storage hold `rows` sample rows, keeping the stored ones. A budgeted memory
+        reserves everything its budget allows the first time, so it never grows again."""
+        if len(self._bx) >= rows:
+            return
+        if self.budget_bytes is not None:
+            rows = self._budget_rows()
+        used = len(self._slots) * self._quota
+        bx = torch.zeros((rows, *self.input_shape), dtype=self._bx.dtype, device=self.device)
+        by = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        bx[:used] = self._bx[:used]
+        by[:used] = self._by[:used]
+        self._bx, self._by = bx, by
 
     def _check_slot(self, slot: int) -> int:
         slot = operator.index(slot)
@@ -87,10 +136,27 @@ class EpisodicMemory:
                              f"0..{self.max_tasks - 1} (max_tasks={self.max_tasks})")
         return slot
 
+    def _stored_row(self, slot: int) -> int:
+        row = self._row.get(self._check_slot(slot))
+        if row is None:
+            raise ValueError(f"task slot {slot} has no stored samples")
+        return row
+
+    @property
+    def _x(self) -> torch.Tensor:
+        """The stored inputs `[n_tasks_seen, quota, *input_shape]`, a view of the storage."""
+        n, quota = len(self._slots), self._quota
+        return self._bx[:n * quota].view(n, quota, *self.input_shape)
+
+    @property
+    def _y(self) -> torch.Tensor:
+        n, quota = len(self._slots), self._quota
+        return self._by[:n * quota].view(n, quota)
+
     @property
     def quota(self) -> int:
         """Current slots per task (for one task while nothing is stored)."""
-        return self._x.shape[1]
+        return self._quota
 
     @property
     def tasks(self) -> list[int]:
@@ -121,39 +187,41 @@ class EpisodicMemory:
             return x.to(torch.float16)
         return x
 
-    def _decode(self, stored: torch.Tensor) -> torch.Tensor:
-        """Float32 values of storage rows that indexing already copied (float32 passes as is)."""
+    def _decode_into(self, out: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """`out` (float32) set to the values of `stored` (storage dtype, same shape)."""
+        out.copy_(stored)
         if self.dtype == "uint8":
-            return stored.to(torch.float32).div_(255.0)
-        return stored.to(torch.float32)
+            out.div_(255.0)
+        return out
 
     def _add_task(self, slot: int) -> int:
         """Give `slot` a row, shrinking every task to its most recent samples if needed."""
         n = len(self._slots)
         quota = self._quota_for(n + 1)
-        new_x = torch.zeros((n + 1, quota, *self.input_shape), dtype=self._x.dtype,
-                            device=self.device)
-        new_y = torch.zeros((n + 1, quota), dtype=torch.int64, device=self.device)
-        if quota == self.quota:
-            new_x[:n] = self._x
-            new_y[:n] = self._y
-        else:  # evict: each task keeps its newest `quota` samples, oldest at position 0
-            old = self.quota
-            for row in range(n):
-                # the newest `keep` samples end just before the write position (pos == filled
-                # until the ring wraps)
-                keep, pos = min(self._filled[row], quota), self._pos[row]
-                chrono = (pos - keep + torch.arange(keep, device=self.device)) % old
-                new_x[row, :keep] = self._x[row, chrono]
-                new_y[row, :keep] = self._y[row, chrono]
-                self._filled[row] = keep
-                self._pos[row] = keep % quota
-        self._x, self._y = new_x, new_y
+        if quota < self._quota:
+            self._shrink(quota)
+        self._reserve((n + 1) * quota)
         self._slots.append(slot)
         self._row[slot] = n
         self._filled.append(0)
         self._pos.append(0)
         return n
+
+    def _shrink(self, quota: int) -> None:
+        """Lay the stored tasks out at `quota` slots each, in place: each keeps its newest
+        `quota` samples, oldest first. Row r moves down to r * quota (never past a row not yet
+        moved), through a copy of at most one task's samples."""
+        old = self._quota
+        for row in range(len(self._slots)):
+            # the newest `keep` samples end just before the write position (pos == filled
+            # until the ring wraps)
+            keep, pos = min(self._filled[row], quota), self._pos[row]
+            chrono = row * old + (pos - keep + torch.arange(keep, device=self.device)) % old
+            self._bx[row * quota:row * quota + keep] = self._bx[chrono]
+            self._by[row * quota:row * quota + keep] = self._by[chrono]
+            self._filled[row] = keep
+            self._pos[row] = keep % quota
+        self._quota = quota
 
     def add(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
         """Store a batch `x [b, *input_shape]`, `y [b]` of task `slot`, overwriting its oldest."""
@@ -178,41 +246,69 @@ class EpisodicMemory:
         self._filled[row] = min(self._filled[row] + b, quota)
 
     def get(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Filled samples of `slot` in ring-storage order: `(x float32, y int64)`."""
+        """A float32 copy of the filled samples of `slot`, in ring-storage order: `(x, y)`."""
         row = self._row.get(self._check_slot(slot))
         if row is None:
             return (torch.zeros((0, *self.input_shape), device=self.device),
                     torch.zeros(0, dtype=torch.int64, device=self.device))
-        idx = torch.arange(self._filled[row], device=self.device)
-        return self._decode(self._x[row, idx]), self._y[row, idx]
+        n = self._filled[row]
+        stored = self._x[row, :n]
+        x = torch.empty(stored.shape, device=self.device)
+        return self._decode_into(x, stored), self._y[row, :n].clone()
 
-    def batched(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """All rows of `slots`: inputs `[k, quota, *shape]` float32 and labels `[k, quota]`.
-        Task i's filled rows are the first `filled(slots[i])`; the rest (and unseen slots) are
-        zeros. Float32 storage of slots stored one after another comes back as a view, without
-        a copy (see `is_view`); anything else is a decoded copy."""
-        rows = [self._row.get(self._check_slot(s), -1) for s in slots]
-        first = rows[0] if rows else -1
-        if self.dtype == "float32" and first >= 0 and rows == [*range(first, first + len(rows))]:
-            return self._x[first:first + len(rows)], self._y[first:first + len(rows)]
-        x = torch.zeros((len(rows), self.quota, *self.input_shape), dtype=torch.float32,
-                        device=self.device)
-        y = torch.zeros((len(rows), self.quota), dtype=torch.int64, device=self.device)
-        seen = torch.tensor([r >= 0 for r in rows], dtype=torch.bool, device=self.device)
-        if bool(seen.any()):
-            src = torch.tensor([r for r in rows if r >= 0], dtype=torch.int64, device=self.device)
-            x[seen] = self._decode(self._x[src])
-            y[seen] = self._y[src]
+    def task_runs(self, slots: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Every stored row of `slots` as float32, a few whole tasks at a time: yields `(i, x, y)`
+        with `x [k, quota, *input_shape]`, `y [k, quota]` the rows of `slots[i:i + k]` (a task's
+        filled samples first, see `filled`; the rest is stale). Float32 storage comes as views,
+        one per run of slots stored one after another; compact storage is decoded into the
+        decode buffer, as many tasks as it holds, each run valid until the next decode."""
+        rows = [self._stored_row(s) for s in slots]
+        quota = self.quota
+        if self.dtype == "float32":
+            start = 0
+            for i in range(1, len(rows) + 1):
+                if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                    first, k = rows[start], i - start
+                    yield start, self._x[first:first + k], self._y[first:first + k]
+                    start = i
+            return
+        per_run = self.decode_rows // quota
+        if per_run == 0:
+            raise RuntimeError(f"the decode buffer of {self.decode_rows} rows cannot hold one "
+                               f"task's {quota} samples")
+        for start in range(0, len(rows), per_run):
+            run = rows[start:start + per_run]
+            x = self._dx[:len(run) * quota].view(len(run), quota, *self.input_shape)
+            y = self._dy[:len(run) * quota].view(len(run), quota)
+            for j, row in enumerate(run):
+                self._decode_into(x[j], self._x[row])
+                y[j] = self._y[row]
+            yield start, x, y
+
+    def gather(self, slots: Sequence[int], task: torch.Tensor, position: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample `position[i]` of task `slots[task[i]]` for every i, as float32 `x [n, *shape]`
+        and `y [n]` in the decode buffer (valid until the next decode); n <= `decode_rows`."""
+        n = len(task)
+        if n > self.decode_rows:
+            raise ValueError(f"{n} samples do not fit the decode buffer of {self.decode_rows}")
+        rows = torch.tensor([self._stored_row(s) for s in slots], device=self.device)
+        flat = rows[task] * self.quota + position
+        x, y = self._dx[:n], self._dy[:n]
+        torch.index_select(self._by, 0, flat, out=y)
+        if self.dtype == "float32":
+            torch.index_select(self._bx, 0, flat, out=x)
+        else:
+            self._decode_into(x, self._bx[flat])
         return x, y
 
-    def is_view(self, t: torch.Tensor) -> bool:
-        """Whether `t` shares this memory's current storage (costs no memory of its own)."""
-        return t.untyped_storage().data_ptr() == self._x.untyped_storage().data_ptr()
-
     def footprint(self) -> dict[str, int]:
-        """Allocated and used storage bytes, budget (0: none), quota and sample count."""
+        """Allocated bytes (storage and decode buffer), of which the decode buffer, bytes of
+        the stored samples, budget (0: none), quota and sample count."""
+        decode = self._dx.nbytes + self._dy.nbytes
         return {
-            "memory_bytes": self._x.nbytes + self._y.nbytes,
+            "memory_bytes": self._bx.nbytes + self._by.nbytes + decode,
+            "memory_decode_bytes": decode,
             "memory_used_bytes": len(self) * self.bytes_per_sample,
             "memory_budget_bytes": self.budget_bytes or 0,
             "memory_quota": self.quota,
@@ -258,7 +354,10 @@ class EpisodicMemory:
                 f"{[n, quota, *self.input_shape]}, y {[n, quota]} and {n} fill counts and "
                 f"positions; got x {x.dtype} {list(x.shape)}, y {list(y.shape)}, "
                 f"{len(filled)} and {len(pos)}")
-        self._x = x.to(self.device, copy=True)
-        self._y = y.to(self.device, torch.int64, copy=True)
+        self.clear()
+        self._reserve(n * quota)
         self._slots, self._filled, self._pos = slots, filled, pos
         self._row = {s: r for r, s in enumerate(slots)}
+        self._quota = quota
+        self._x.copy_(x)
+        self._y.copy_(y)

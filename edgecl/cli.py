@@ -138,6 +138,7 @@ def bench(
         write_run,
     )
     from edgecl.data import BenchmarkError
+    from edgecl.learners import check_learner
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
                                  data_dir, device, threads)
@@ -146,7 +147,9 @@ def bench(
         check_device(configs[0], device is not None, config)
         data = load_config_benchmark(configs[0])
         for cfg in configs:
-            learner_spec(cfg, data)  # max_tasks against the benchmark, before any training
+            # max_tasks against the benchmark, the method's memory budget against max_tasks...:
+            # refused before any training
+            check_learner(learner_spec(cfg, data))
     except (ConfigError, BenchmarkError) as e:
         fail(str(e))
     use_threads(configs[0].threads)

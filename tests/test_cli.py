@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -55,10 +56,20 @@ def test_same_seed_same_result(tmp_path):
     (["--out", "{tmp}/file"], "{tmp}/file: exists and is not a folder"),
     (["--method", "all", "--out", "{tmp}/with-file"],
      "{tmp}/with-file/finetune: exists and is not a folder"),
+    (["--config", "{tmp}/small-budget.yaml"],
+     "memory.budget_bytes: 100000 bytes cannot hold one sample per task for 20 tasks"),
+    (["--benchmark", "file:{tmp}/steps-channels.npz", "--config", "{tmp}/conv1d.yaml"],
+     "more channels (64) than steps (6)"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, message):
     (tmp_path / "latin1.yaml").write_bytes("seed: 1  # réglé\n".encode("latin-1"))
     (tmp_path / "max2.yaml").write_text("max_tasks: 2\n")
+    (tmp_path / "small-budget.yaml").write_text(
+        "memory: {budget_bytes: 100000, dtype: uint8}\nmethod: {name: gem}\n")
+    (tmp_path / "conv1d.yaml").write_text("net: {name: conv1d}\n")
+    windows = np.zeros((4, 64, 6), np.float32)  # [n, steps, channels]: the wrong layout
+    np.savez(tmp_path / "steps-channels.npz", task0_x_train=windows, task0_x_test=windows,
+             task0_y_train=np.arange(4) % 2, task0_y_test=np.arange(4) % 2)
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "with-file").mkdir()
     (tmp_path / "with-file" / "finetune").write_text("not a folder")

@@ -8,6 +8,7 @@ splits (`benchmarks/sweep.py`); these are test-split numbers. One thread, as `ed
 
     .venv/bin/python benchmarks/results.py                  # every table, seeds 0-4, into README.md
     .venv/bin/python benchmarks/results.py --tables pmnist --seeds 0 1 2 --no-readme
+    .venv/bin/python benchmarks/results.py --readme-only    # the saved tables into README.md
 
 Tables go to runs/results/<table>.md (and .json with every run's numbers); unless --no-readme,
 each replaces the lines between `<!-- results:<table> -->` and `<!-- /results:<table> -->` in
@@ -58,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=5, help="of the offline upper bound [5]")
     p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    p.add_argument("--readme-only", action="store_true",
+                   help="run nothing: put the tables saved in runs/results/ into README.md")
     return p.parse_args()
 
 
@@ -125,10 +128,11 @@ def main() -> None:
     out = ROOT / "runs" / "results"
     out.mkdir(parents=True, exist_ok=True)
     for name in args.tables:
-        runs = run_table(TABLES[name], args.seeds, args.epochs)
-        text = markdown(name, runs, args.seeds, args.epochs)
-        (out / f"{name}.md").write_text(text)
-        (out / f"{name}.json").write_text(json.dumps(runs, indent=1) + "\n")
+        if not args.readme_only:
+            runs = run_table(TABLES[name], args.seeds, args.epochs)
+            (out / f"{name}.md").write_text(markdown(name, runs, args.seeds, args.epochs))
+            (out / f"{name}.json").write_text(json.dumps(runs, indent=1) + "\n")
+        text = (out / f"{name}.md").read_text()
         if not args.no_readme:
             replace_in_readme(name, text)
         print(text, flush=True)

@@ -1,7 +1,8 @@
 """The KServe v2 inference protocol (REST): a raw ASGI app under uvicorn with httptools.
 
 Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{task}[/versions/{v}][/ready],
-/metrics; POST /v2/models/{task}[/versions/{v}]/infer (messages: `edgecl.serve.protocol`).
+/metrics, /openapi.json (`edgecl.serve.openapi`); POST /v2/models/{task}[/versions/{v}]/infer
+(messages: `edgecl.serve.protocol`).
 Errors are `{"error": "..."}` with a 4xx status for anything the client got wrong; no input can
 end the server.
 
@@ -23,6 +24,7 @@ import orjson
 from edgecl import __version__
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
+from edgecl.serve.openapi import OPENAPI
 from edgecl.serve.protocol import BINARY_HEADER, encode_response, metadata, parse_request
 from edgecl.serve.runtime import LoadedModel
 from edgecl.web import (
@@ -44,6 +46,7 @@ MODEL_URL = re.compile(r"/v2/models/(?P<task>[^/]+)(?:/versions/(?P<version>[^/]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no token
 _BINARY_KEY = BINARY_HEADER.lower().encode()  # ASGI header names are lower-case bytes
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+_OPENAPI = orjson.dumps(OPENAPI)
 
 
 def _json(obj: Any) -> bytes:
@@ -99,6 +102,8 @@ class InferenceApp:
                                         "extensions": ["binary_tensor_data"]}))
         if path == "/metrics":
             return Response(200, self.metrics.render(), self.metrics.content_type)
+        if path == "/openapi.json":
+            return Response(200, _OPENAPI)
         if url is None or url["action"] == "/infer":
             raise RequestError(404, f"no such endpoint: GET {path}")
         model = self._model(url["task"], url["version"])

@@ -4,6 +4,7 @@ acknowledged sample exactly once: at the end `learned == accepted`, the chain of
 the journal's own, and the learner equals, bit for bit, an uninterrupted run over the same
 journal."""
 
+import http.client
 import random
 import signal
 import subprocess
@@ -68,7 +69,7 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             try:
                 return self.status()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # refused, or killed mid-answer
                 time.sleep(0.05)
         raise AssertionError("daemon did not come up")
 
@@ -102,7 +103,7 @@ def send(daemon: DaemonProcess, mqtt_client: Client, how, task, x, labels):
                 else:
                     client.send_many(task, x, labels)
             return
-        except (OSError, LearnError):
+        except (OSError, http.client.HTTPException, LearnError):
             time.sleep(0.02)
 
 

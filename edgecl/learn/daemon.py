@@ -115,6 +115,7 @@ class Daemon:
                                   "config")
             learning = Learning(restored.learner, self.schema, self.cfg.learn,
                                 restored.meta["learning"])
+            self.journal.skip_to(learning.offset)  # a damaged journal may end before it
             log.info("restored %s: journal offset %d", restored.path.name, learning.offset)
             self.last_checkpoint = {"file": restored.path.name, "offset": learning.offset,
                                     "at": restored.path.stat().st_mtime, "seconds": 0.0}
@@ -294,9 +295,11 @@ class Daemon:
         return {
             "version": __version__, "ready": self.ready, "accepted": sum(accepted.values()),
             "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
-            "lost": self.lost,
+            "lost": self.lost + learning.lost,
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
-                        "lag": self.lag(), "pending": len(learning.pending)},
+                        "lag": self.lag(), "pending": len(learning.pending),
+                        "damage": self.journal.damage, "write_failures": self.journal.failures,
+                        "last_error": self.journal.last_error},
             "open_task": learning.learner.open_task, "tasks": tasks,
             "method": self.cfg.method.name, "device": str(learning.learner.device),
             "last_checkpoint": self.last_checkpoint,

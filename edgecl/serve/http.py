@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from edgecl import __version__
+from edgecl.serve.guard import RangeGuard
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
 from edgecl.serve.openapi import OPENAPI
@@ -57,11 +58,13 @@ class InferenceApp:
     """The ASGI application: routes, auth, body limits, metrics; models come from `models`."""
 
     def __init__(self, models: LiveModels, metrics: ServerMetrics, token: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 guard: RangeGuard | None = None) -> None:
         self.models = models
         self.metrics = metrics
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.guard = guard or RangeGuard()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,6 +123,7 @@ class InferenceApp:
         json_length = headers.get(_BINARY_KEY)
         request = await off_loop(body, lambda: parse_request(
             body, json_length and json_length.decode("latin-1"), model.manifest.input))
+        self._check_range(model, request.x)
         t0 = time.perf_counter()
         logits = model.infer(request.x)
         self.metrics.inference(model.manifest.task, time.perf_counter() - t0)
@@ -128,6 +132,15 @@ class InferenceApp:
             return Response(200, payload)
         return Response(200, payload, "application/octet-stream",
                         ((_BINARY_KEY, str(json_part).encode()),))
+
+    def _check_range(self, model: LoadedModel, x: Any) -> None:
+        problem = self.guard.problem(model.manifest, x)
+        if problem is None:
+            return
+        self.metrics.out_of_range(model.manifest.task)
+        if self.guard.mode == "reject":
+            raise RequestError(400, problem)
+        self.guard.warn(model.manifest.task, problem)
 
     def _model(self, task: str, version: str | None) -> LoadedModel:
         model = self.models.get(task)

@@ -7,6 +7,7 @@ acknowledged and still on disk is lost, and what damage destroyed is counted, no
 import contextlib
 import errno
 import logging
+import re
 import subprocess
 import uuid
 
@@ -56,7 +57,9 @@ def check_recovered(daemon: Daemon, tmp_path, learned: int, lost: int) -> None:
         assert post(server, "b", 8)[0] == 202
         wait_learned(daemon, learned + 8)
         status = call(server, "GET", "/v1/status")[1]
+        metrics = call(server, "GET", "/metrics")[1]
     assert status["lost"] == lost and status["learned"] == learned + 8
+    assert f"edgecl_learn_lost_total {float(lost)}" in metrics
     assert status["journal"]["damage"] == damage
 
 
@@ -138,6 +141,8 @@ def test_a_full_disk_is_refused_with_507_until_space_returns_and_nothing_is_lost
             state = call(server, "GET", "/v1/status")[1]
             assert state["journal"]["write_failures"] >= 1
             assert "full" in state["journal"]["last_error"]
+            metrics = call(server, "GET", "/metrics")[1]
+            assert re.search(r"^edgecl_learn_journal_write_failures_total [1-9]", metrics, re.M)
             for filler in disk.glob("filler-*"):
                 filler.unlink()
             for i in range(3):

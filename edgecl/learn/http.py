@@ -180,3 +180,11 @@ class DaemonCollector:
                                       "Checkpoints refused at restore (sha256 or load).",
                                       value=s["corrupt_checkpoints"])
         yield corrupt
+        yield CounterMetricFamily("edgecl_learn_lost", "Acknowledged records that storage "
+                                  "damage destroyed before they were learned.", value=s["lost"])
+        yield CounterMetricFamily("edgecl_learn_journal_write_failures", "Journal commits "
+                                  "refused by storage (a full disk, I/O errors) since start.",
+                                  value=s["journal"]["write_failures"])
+        yield CounterMetricFamily("edgecl_learn_checkpoint_failures", "Checkpoints that could "
+                                  "not be written since start.",
+                                  value=s["checkpoint_failures"])

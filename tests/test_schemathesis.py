@@ -6,7 +6,7 @@ liveness probe after every request; and the learn journal holds exactly the samp
 acknowledged, as they were sent.
 
 EDGECL_FUZZ_EXAMPLES sets the examples per operation and mode (CI: 15, about 380 requests in
-all; 300 gives about 7,500, the README's figure); run with -s to see the counts.
+all; 300 gives about 7,000, the README's figure); run with -s to see the counts.
 """
 
 import os

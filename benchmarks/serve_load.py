@@ -109,8 +109,8 @@ def export_model(checkpoint: str | None, task: str | None, repo: Path, body: str
 
 
 @contextlib.contextmanager
-def server(kind: str, repo: Path, version_dir: Path, port: int) -> Iterator[str]:
-    """Start the server in a subprocess; yields its URL; stops it on exit."""
+def server(kind: str, repo: Path, version_dir: Path, port: int) -> Iterator[tuple[str, int]]:
+    """Start the server in a subprocess; yields its URL and pid; stops it on exit."""
     if kind == "edgecl":
         edgecl = Path(sys.executable).parent / "edgecl"
         cmd = [str(edgecl), "serve", "--repo", str(repo), "--port", str(port), "--threads", "1"]
@@ -125,7 +125,7 @@ def server(kind: str, repo: Path, version_dir: Path, port: int) -> Iterator[str]
             url = found and found[1]
         if url is None or not _accepts(port):
             raise SystemExit(f"the server did not start: {' '.join(cmd)}")
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -208,7 +208,7 @@ def main() -> None:
         script.write_text(LUA.format(body=Path(tmp) / "body.json"))
 
         ort_p50 = onnxruntime_p50_us(version_dir, x)
-        with server(args.server, repo, version_dir, args.port) as url:
+        with server(args.server, repo, version_dir, args.port) as (url, _):
             target = f"{url}/v2/models/{task}/infer"
             model = load_model(version_dir, ["CPUExecutionProvider"])  # right before fast:
             np.testing.assert_allclose(infer_over_http(target, json.dumps(body).encode()),

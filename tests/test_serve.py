@@ -7,6 +7,7 @@ the test; waits are bounded.
 import contextlib
 import http.client
 import json
+import logging
 import math
 import re
 import shutil
@@ -670,3 +671,42 @@ def test_a_repository_folder_that_vanishes_is_no_rollback(repo, tmp_path):
         mark_bad(repo, "t0", 1)
         server.models.refresh()
         assert sorted(server.models.all()) == ["t1"]
+
+
+OUT_OF_RANGE = 'edgecl_input_out_of_range_total{task="t0"}'
+
+
+def infer_status(server, x):
+    with contextlib.closing(connect(server)) as conn:
+        return request(conn, "POST", "/v2/models/t0/infer", infer_body(x))[:2]
+
+
+def test_pixels_sent_unscaled_are_refused_by_default_and_jitter_is_not(repo):
+    lo, hi = repository.read_manifest(repo / "t0" / "1").input_range
+    x = np.random.default_rng(0).uniform(lo, hi, (2, 1, 4, 4)).astype(np.float32)
+    jitter = x.copy()
+    jitter.flat[0], jitter.flat[1] = lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)
+    with running(repo) as server:
+        assert infer_status(server, jitter)[0] == 200
+        status, body = infer_status(server, np.round(x * 255))
+        assert status == 400
+        assert f"[{lo:.4g}, {hi:.4g}]" in body["error"] and "trained on" in body["error"]
+        assert metric(server, OUT_OF_RANGE) == 1
+
+
+def test_the_range_guard_can_warn_or_be_off(repo, caplog):
+    pixels = np.full((1, 1, 4, 4), 200.0, np.float32)
+    with running(repo, input_range="warn") as server, caplog.at_level(logging.WARNING):
+        assert [infer_status(server, pixels)[0] for _ in range(3)] == [200] * 3
+        assert metric(server, OUT_OF_RANGE) == 3
+        assert caplog.text.count("outside the range task 't0' was trained on") == 1
+    with running(repo, input_range="off") as server:
+        assert infer_status(server, pixels)[0] == 200
+        assert metric(server, OUT_OF_RANGE) == 0
+
+
+@pytest.mark.parametrize("options, message", [({"input_range": "strict"}, "use one of off"),
+                                              ({"range_tolerance": -1}, "a number >= 0")])
+def test_a_bad_range_guard_setting_is_refused(repo, options, message):
+    with pytest.raises(ValueError, match=message):
+        create_server(repo, port=0, **options)

@@ -118,6 +118,10 @@ class LearnClient:
     def checkpoint(self) -> dict[str, Any]:
         return self._request("POST", "/v1/checkpoint")
 
+    def export(self, task: str) -> dict[str, Any]:
+        """Queue `task`'s model for export into the daemon's repository now."""
+        return self._request("POST", f"/v1/tasks/{task}/export")
+
     def close(self) -> None:
         self._conn.close()
 

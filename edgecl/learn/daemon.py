@@ -86,7 +86,10 @@ class Daemon:
         self._lock_fd = lock_state_dir(state_dir)
         self.journal = Journal(state_dir / "journal.sqlite3", self.schema.max_tasks)
         self.checkpoints = CheckpointStore(state_dir / "checkpoints", cfg.learn.keep_checkpoints)
-        self.publisher = Publisher(repo, self.spec, self.schema.classes) if repo else None
+        # consolidated tasks whose export has not finished: checkpointed, exported again at start
+        self.unpublished: set[str] = set()
+        self.publisher = Publisher(repo, self.spec, self.schema.classes,
+                                   self.unpublished.discard) if repo else None
         self.rejected = 0
         self.lost = 0  # records truncated from the journal that no checkpoint holds
         self.last_checkpoint: dict[str, Any] | None = None
@@ -115,6 +118,8 @@ class Daemon:
                                   "config")
             learning = Learning(restored.learner, self.schema, self.cfg.learn,
                                 restored.meta["learning"])
+            self.journal.skip_to(learning.offset)  # a damaged journal may end before it
+            self.unpublished.update(restored.meta.get("unpublished", ()))
             log.info("restored %s: journal offset %d", restored.path.name, learning.offset)
             self.last_checkpoint = {"file": restored.path.name, "offset": learning.offset,
                                     "at": restored.path.stat().st_mtime, "seconds": 0.0}
@@ -130,6 +135,9 @@ class Daemon:
         return learning
 
     def start(self) -> None:
+        for task in sorted(self.unpublished):  # an export the last run did not finish
+            log.info("exporting %s again: the last run stopped before it was published", task)
+            self._publish(task)
         self._thread.start()
 
     def stop(self) -> None:
@@ -256,8 +264,8 @@ class Daemon:
         if not force and self.last_checkpoint and self.last_checkpoint["offset"] == learning.offset:
             return
         t0 = time.perf_counter()
-        path = self.checkpoints.save(learning.learner, {"learning": learning.state_dict()},
-                                     learning.offset)
+        meta = {"learning": learning.state_dict(), "unpublished": sorted(self.unpublished.copy())}
+        path = self.checkpoints.save(learning.learner, meta, learning.offset)
         self.journal.truncate(self.checkpoints.oldest_offset())
         self.footprint = learning.learner.footprint().to_dict()
         self.last_checkpoint = {"file": path.name, "offset": learning.offset,
@@ -275,6 +283,7 @@ class Daemon:
     def _publish(self, task: str) -> None:
         x, _ = self.learning.holdout.tensors(task)
         assert self.publisher is not None
+        self.unpublished.add(task)
         self.publisher.submit(task, self.learning.learner.task_module(task), x.clone(),
                               f"edgecl learn {self.state_dir.resolve()} at journal seq "
                               f"{self.learning.offset}")
@@ -294,16 +303,19 @@ class Daemon:
         return {
             "version": __version__, "ready": self.ready, "accepted": sum(accepted.values()),
             "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
-            "lost": self.lost,
+            "lost": self.lost + learning.lost,
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
-                        "lag": self.lag(), "pending": len(learning.pending)},
+                        "lag": self.lag(), "pending": len(learning.pending),
+                        "damage": self.journal.damage, "write_failures": self.journal.failures,
+                        "last_error": self.journal.last_error},
             "open_task": learning.learner.open_task, "tasks": tasks,
             "method": self.cfg.method.name, "device": str(learning.learner.device),
             "last_checkpoint": self.last_checkpoint,
             "corrupt_checkpoints": self.checkpoints.corrupt,
             "checkpoint_failures": self.checkpoint_failures,
             "footprint": self.footprint,
-            "publish": self.publisher.status() if self.publisher else None,
+            "publish": ({**self.publisher.status(), "unpublished": sorted(self.unpublished.copy())}
+                        if self.publisher else None),
             "uptime_s": time.time() - self.started_at,
         }
 
@@ -311,10 +323,12 @@ class Daemon:
 class Publisher:
     """Exports consolidated tasks into the model repository on its own thread."""
 
-    def __init__(self, repo: Path, spec: LearnerSpec, classes: tuple[str, ...]) -> None:
+    def __init__(self, repo: Path, spec: LearnerSpec, classes: tuple[str, ...],
+                 on_published: Callable[[str], None] = lambda task: None) -> None:
         self.repo = repo
         self.spec = spec
         self.classes = list(classes)
+        self.on_published = on_published
         self.published: dict[str, int] = {}
         self.failed = 0
         self.last_error: str | None = None
@@ -358,6 +372,7 @@ class Publisher:
             log.error("export of %s failed: %s", task, e)
             return
         self.published[task] = manifest.version
+        self.on_published(task)
         log.info("published %s version %d", task, manifest.version)
 
     def status(self) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edgecl.learn.daemon import Backpressure, Daemon
 from edgecl.learn.journal import JOURNAL_RETRY_S, JournalError
-from edgecl.learn.openapi import OPENAPI
+from edgecl.learn.openapi import openapi
 from edgecl.learn.schema import SampleError, parse_body
 from edgecl.web import (
     Receive,
@@ -51,6 +52,7 @@ class IngestApp:
         self.daemon = daemon
         self.token = token
         self.max_body_bytes = int(daemon.cfg.learn.max_body_mb * (1 << 20))
+        self.openapi = orjson.dumps(openapi(daemon.schema, daemon.cfg.learn.max_request_samples))
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(daemon))
 
@@ -86,7 +88,7 @@ class IngestApp:
         if path == "/metrics":
             return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         if path == "/openapi.json":
-            return json_response(200, OPENAPI)
+            return Response(200, self.openapi)
         raise RequestError(404, f"no such endpoint: GET {path}")
 
     async def _post(self, path: str, headers: dict[bytes, bytes], receive: Receive
@@ -178,3 +180,11 @@ class DaemonCollector:
                                       "Checkpoints refused at restore (sha256 or load).",
                                       value=s["corrupt_checkpoints"])
         yield corrupt
+        yield CounterMetricFamily("edgecl_learn_lost", "Acknowledged records that storage "
+                                  "damage destroyed before they were learned.", value=s["lost"])
+        yield CounterMetricFamily("edgecl_learn_journal_write_failures", "Journal commits "
+                                  "refused by storage (a full disk, I/O errors) since start.",
+                                  value=s["journal"]["write_failures"])
+        yield CounterMetricFamily("edgecl_learn_checkpoint_failures", "Checkpoints that could "
+                                  "not be written since start.",
+                                  value=s["checkpoint_failures"])

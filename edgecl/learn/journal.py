@@ -9,15 +9,27 @@ load) and only then resolves their futures, so a caller acknowledges a sample on
 disk. A torn write at a power cut is SQLite's to recover: a WAL commit that did not complete is
 discarded whole when the database is opened.
 
-Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch.
+Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch,
+LOST stands for `count` records that storage damage destroyed.
+
+Damage: each row carries a CRC-32 of its fields, checked on every read. At open, SQLite's
+`quick_check` and every row's CRC are checked; a damaged journal is renamed `*.corrupt-<time>`,
+logged, and replaced by what could be read of it: rows in seq order up to the first unreadable
+one, a LOST marker in place of each row that fails its CRC and for the unreadable tail (as far
+as the journal's last seq is still known). `Journal.damage` says what happened (status shows it).
+A row that fails its CRC later, while running, raises `JournalCorrupt` from `read`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
+import struct
 import threading
+import time
+import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +39,13 @@ import numpy as np
 from edgecl.learn.schema import SampleError, Samples
 
 log = logging.getLogger("edgecl.learn")
-SAMPLE, END, FLUSH = 0, 1, 2
+SAMPLE, END, FLUSH, LOST = 0, 1, 2, 3
 GROUP_MAX = 256  # appends committed together at most
+COLUMNS = "seq, count, kind, task, y, x, crc"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER PRIMARY KEY, count INTEGER NOT NULL, kind INTEGER NOT NULL,
-    task TEXT NOT NULL, y BLOB, x BLOB);
+    task TEXT NOT NULL, y BLOB, x BLOB, crc INTEGER);
 CREATE TABLE IF NOT EXISTS tasks (name TEXT PRIMARY KEY, accepted INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -67,6 +80,22 @@ class _Append:
         self.future: Future[Appended] = Future()
 
 
+def crc(seq: int, count: int, kind: int, task: str, y: bytes | None, x: bytes | None) -> int:
+    """The CRC-32 of a row's fields: a flipped bit anywhere in them changes it."""
+    head = struct.pack("<qqq", seq, count, kind) + task.encode()
+    return zlib.crc32(x or b"", zlib.crc32(y or b"", zlib.crc32(head)))
+
+
+def _row(seq: int, count: int, kind: int, task: str, y: bytes | None = None,
+         x: bytes | None = None) -> tuple:
+    return seq, count, kind, task, y, x, crc(seq, count, kind, task, y, x)
+
+
+def _intact(row: tuple) -> bool:
+    """The row's CRC matches (rows written before CRCs existed have none to check)."""
+    return row[6] is None or row[6] == crc(*row[:6])
+
+
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -81,8 +110,16 @@ class Journal:
     def __init__(self, path: Path, max_tasks: int) -> None:
         self.path = path
         self.max_tasks = max_tasks
+        self.damage: dict[str, object] | None = None  # what a damaged journal lost, if it was
+        self.failures = 0  # commits refused by storage (a full disk, I/O errors) since start
+        self.last_error: str | None = None  # the latest of them, until a commit succeeds
+        problem = _check(path) if path.exists() else None
+        if problem is not None:
+            self.damage = salvage(path, problem)
         self._writer_db = connect(path)
         self._writer_db.executescript(SCHEMA)
+        if "crc" not in {r[1] for r in self._writer_db.execute("PRAGMA table_info(chunks)")}:
+            self._writer_db.execute("ALTER TABLE chunks ADD COLUMN crc INTEGER")  # older journal
         self._reader_db = connect(path)
         self._lock = threading.Condition()
         row = self._writer_db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
@@ -141,8 +178,7 @@ class Journal:
         try:
             db = self._writer_db
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT INTO chunks (seq, count, kind, task, y, x) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(f"INSERT INTO chunks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT INTO tasks (name, accepted) VALUES (?, ?) ON CONFLICT(name) "
                            "DO UPDATE SET accepted = excluded.accepted", accepted.items())
             db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) ON CONFLICT(key) "
@@ -150,11 +186,17 @@ class Journal:
             db.execute("COMMIT")
         except sqlite3.Error as e:
             log.error("journal write failed: %s", e)
+            self.failures += 1
+            self.last_error = str(e)
             if self._writer_db.in_transaction:
                 self._writer_db.execute("ROLLBACK")
             refused = JournalError(f"the journal cannot be written ({e}); nothing was accepted")
             results = [refused if isinstance(r, Appended) else r for r in results]
         else:
+            if self.last_error is not None:
+                log.warning("the journal is writable again after %d failed commit(s)",
+                            self.failures)
+                self.last_error = None
             with self._lock:
                 self._last_seq, self.accepted = seq, accepted
                 self.max_chunk = max([self.max_chunk, *(row[1] for row in rows)])
@@ -169,7 +211,7 @@ class Journal:
               ) -> tuple[list[tuple], dict[str, int]]:
         """The item's rows from seq + 1 on: one per run of one task's samples, or the marker."""
         if item.samples is None:
-            return [(seq + 1, 1, item.kind, item.task, None, None)], {}
+            return [_row(seq + 1, 1, item.kind, item.task)], {}
         s = item.samples
         counts: dict[str, int] = {}
         for task in s.tasks:
@@ -182,8 +224,8 @@ class Journal:
         y = np.ascontiguousarray(s.y, dtype="<i8")
         rows = []
         for start, end in _runs(s.tasks):
-            rows.append((seq + 1 + start, end - start, SAMPLE, s.tasks[start],
-                         y[start:end].tobytes(), x[start:end].tobytes()))
+            rows.append(_row(seq + 1 + start, end - start, SAMPLE, s.tasks[start],
+                             y[start:end].tobytes(), x[start:end].tobytes()))
         return rows, counts
 
     # --- reading ---------------------------------------------------------------------------
@@ -198,12 +240,27 @@ class Journal:
 
     def read(self, after_seq: int, limit: int) -> list[Chunk]:
         """Up to `limit` chunks holding seqs after `after_seq`, in order (the reader thread
-        only); the first may start before `after_seq`."""
+        only); the first may start before `after_seq`. A row failing its CRC: JournalCorrupt
+        (a restart salvages the journal)."""
         rows = self._reader_db.execute(
-            "SELECT seq, count, kind, task, y, x FROM chunks "
+            f"SELECT {COLUMNS} FROM chunks "
             "WHERE seq > ? AND seq + count - 1 > ? ORDER BY seq LIMIT ?",
             (after_seq - self.max_chunk, after_seq, limit)).fetchall()
-        return [_chunk(*row) for row in rows]
+        for row in rows:
+            if not _intact(row):
+                raise JournalCorrupt(f"{self.path}: record {row[0]} fails its CRC; restart "
+                                     "edgecl learn to salvage the journal")
+        return [_chunk(*row[:6]) for row in rows]
+
+    def skip_to(self, seq: int) -> None:
+        """Number new records after `seq` at least: a checkpoint may hold records that a
+        damaged journal no longer knows of."""
+        if seq > self._last_seq:
+            self._writer_db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
+                                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                    (seq,))
+            with self._lock:
+                self._last_seq = seq
 
     def first_seq(self) -> int:
         """The oldest seq kept (last_seq + 1 when none is)."""
@@ -245,3 +302,96 @@ JOURNAL_RETRY_S = 5  # what ingest tells a client to wait after a JournalError
 
 class JournalError(OSError):
     """The journal could not be written (disk full, I/O error): nothing was accepted."""
+
+
+class JournalCorrupt(Exception):
+    """A journal record failed its CRC while running."""
+
+
+def _check(path: Path) -> str | None:
+    """What is wrong with the journal at `path`, or None when SQLite's quick_check and every
+    row's CRC pass."""
+    try:
+        db = sqlite3.connect(path)
+        try:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                return f"SQLite quick_check: {verdict}"
+            if "crc" not in {r[1] for r in db.execute("PRAGMA table_info(chunks)")}:
+                return None  # a journal from before CRCs: nothing more to check
+            for row in db.execute(f"SELECT {COLUMNS} FROM chunks ORDER BY seq"):
+                if not _intact(row):
+                    return f"record {row[0]} fails its CRC"
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        return f"SQLite: {e}"
+    return None
+
+
+def salvage(path: Path, problem: str) -> dict[str, object]:
+    """Replace the damaged journal at `path` by what can be read of it (see the module's
+    docstring); the damaged files are kept beside it. Returns what was lost."""
+    rows, tasks, last_seq = _readable(path)
+    moved = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        damaged = path.with_name(path.name + suffix)
+        if damaged.exists():
+            damaged.rename(moved.with_name(moved.name + suffix))
+    fixed, end = [], (rows[0][0] - 1 if rows else 0)
+    for row in rows:  # a row failing its CRC becomes part of the LOST span before the next
+        if not _intact(row) or row[0] <= end:
+            continue
+        if row[0] > end + 1:
+            fixed.append(_row(end + 1, row[0] - 1 - end, LOST, ""))
+        fixed.append(_row(*row[:6]))
+        end = row[0] + row[1] - 1
+    if last_seq is not None and last_seq > end:
+        fixed.append(_row(end + 1, last_seq - end, LOST, ""))
+        end = last_seq
+    lost = sum(row[1] for row in fixed if row[2] == LOST)
+    db = connect(path)
+    db.executescript(SCHEMA)
+    db.execute("BEGIN IMMEDIATE")
+    db.executemany(f"INSERT INTO chunks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", fixed)
+    db.executemany("INSERT INTO tasks (name, accepted) VALUES (?, ?)", tasks.items())
+    db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?)", (end,))
+    db.execute("COMMIT")
+    db.close()
+    damage = {"problem": problem, "moved_to": moved.name, "lost_records": lost,
+              "last_seq_known": last_seq is not None}
+    log.error("journal %s is damaged (%s): kept what could be read, %d record(s) lost%s; the "
+              "damaged file is %s", path, problem, lost,
+              "" if last_seq is not None else " (and its last seq is unknown)", moved.name)
+    return damage
+
+
+def _readable(path: Path) -> tuple[list[tuple], dict[str, int], int | None]:
+    """A damaged journal's rows in seq order up to the first unreadable one, its per-task
+    accepted counts (recounted from the rows when unreadable) and its last seq (None when
+    unreadable)."""
+    rows: list[tuple] = []
+    tasks: dict[str, int] | None = None
+    last_seq = None
+    db = sqlite3.connect(path)
+    # a file shorter than its header says is refused whole, unless so: read what is there
+    db.execute("PRAGMA writable_schema=ON")
+    try:
+        with contextlib.suppress(sqlite3.DatabaseError):
+            row = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+            last_seq = row[0] if row else 0
+        with contextlib.suppress(sqlite3.DatabaseError):
+            tasks = dict(db.execute("SELECT name, accepted FROM tasks"))
+        with contextlib.suppress(sqlite3.DatabaseError):
+            columns = COLUMNS if "crc" in {r[1] for r in db.execute(
+                "PRAGMA table_info(chunks)")} else COLUMNS.replace("crc", "NULL")
+            for row in db.execute(f"SELECT {columns} FROM chunks ORDER BY seq"):
+                rows.append(row)
+    finally:
+        db.close()
+    if tasks is None:
+        tasks = {}
+        for row in rows:
+            if row[2] == SAMPLE and _intact(row):
+                tasks[row[3]] = tasks.get(row[3], 0) + row[1]
+    return rows, tasks, last_seq

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgecl.config import LearnConfig
-from edgecl.learn.journal import END, FLUSH, SAMPLE, Chunk
+from edgecl.learn.journal import END, FLUSH, LOST, SAMPLE, Chunk
 from edgecl.learn.schema import SampleSchema
 from edgecl.learners import Learner
 
@@ -112,6 +112,7 @@ class Learning:
         self.holdout = HoldoutSet(cfg.eval_per_task, schema.input_shape, schema.max_tasks)
         self.offset = 0
         self.learned = 0  # samples consumed: trained on, or held out
+        self.lost = 0  # records after the offset that journal damage destroyed (LOST markers)
         self.trained = 0
         self.accuracy_now: dict[str, float] = {}
         self.accuracy_learned: dict[str, float] = {}  # R[i, i]: right after task i was learned
@@ -134,12 +135,16 @@ class Learning:
         if chunk.last <= self.read_seq or chunk.seq > self.read_seq + 1:
             raise ValueError(f"chunk {chunk.seq}..{chunk.last} does not follow {self.read_seq}")
         if chunk.kind != SAMPLE:
-            if chunk.kind not in (END, FLUSH):
+            if chunk.kind not in (END, FLUSH, LOST):
                 raise ValueError(f"chunk {chunk.seq}: unknown kind {chunk.kind}")
             if self.pending:
                 self.close_batch()
             if chunk.kind == END:
                 self.end(chunk.task)
+            if chunk.kind == LOST:  # may start before the offset: a checkpoint held those
+                self.lost += chunk.last - self.offset
+                self._advance([f"lost {self.offset + 1}-{chunk.last}"], chunk.last)
+                return
             self._advance([str(chunk.seq)], chunk.seq)  # after the consolidation: lag 0 = done
             return
         if self.pending and self.pending_task != chunk.task:
@@ -222,6 +227,7 @@ class Learning:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the learner (pending samples are read again)."""
         return {"offset": self.offset, "learned": self.learned, "trained": self.trained,
+                "lost": self.lost,
                 "applied": self.applied, "holdout": self.holdout.state_dict(),
                 "accuracy_now": dict(self.accuracy_now),
                 "accuracy_learned": dict(self.accuracy_learned),
@@ -230,6 +236,7 @@ class Learning:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.offset, self.learned = state["offset"], state["learned"]
         self.trained, self.applied = state["trained"], state["applied"]
+        self.lost = state.get("lost", 0)  # checkpoints from before LOST markers have none
         self.holdout.load_state_dict(state["holdout"])
         self.accuracy_now = dict(state["accuracy_now"])
         self.accuracy_learned = dict(state["accuracy_learned"])

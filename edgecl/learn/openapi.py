@@ -1,9 +1,15 @@
-"""The OpenAPI 3.0 description of the daemon's HTTP API, served at /openapi.json."""
+"""The OpenAPI 3.0 description of the daemon's HTTP API, served at /openapi.json.
+
+It is the daemon's own: the sample's `x` length, label range, class names and batch limit
+come from its schema, so a request valid under this document is one the daemon accepts (unless
+it is over `max_tasks`, 409, or the learner lags, 429), and tests can fuzz against it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from edgecl.learn.schema import FLOAT32_MAX, SampleSchema
 from edgecl.serve.repository import TASK_ID
 
 _TASK = {"type": "string", "pattern": f"^{TASK_ID.pattern}$"}
@@ -11,6 +17,8 @@ _ERROR = {"description": "what is wrong", "content": {"application/json": {"sche
     "$ref": "#/components/schemas/Error"}}}}
 _ACK = {"description": "durable: journaled and fsync'd", "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/Ack"}}}}
+_DENIED = {"description": "missing or wrong bearer token", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
 def _json(ref: str) -> dict[str, Any]:
@@ -24,7 +32,40 @@ def _ok(description: str) -> dict[str, Any]:
 
 _TASK_PARAM = [{"name": "task", "in": "path", "required": True, "schema": _TASK}]
 
-OPENAPI: dict[str, Any] = {
+
+def openapi(schema: SampleSchema, max_request_samples: int) -> dict[str, Any]:
+    """The document for a daemon taking `schema`'s samples, at most `max_request_samples` a
+    request."""
+    paths = {path: {method: op if op.get("security") == [] else
+                    {**op, "responses": {**op["responses"], "401": _DENIED}}
+                    for method, op in ops.items()} for path, ops in _DOCUMENT["paths"].items()}
+    return {**_DOCUMENT, "paths": paths, "components": {**_DOCUMENT["components"], "schemas": {
+        **_DOCUMENT["components"]["schemas"], **_sample_schemas(schema, max_request_samples)}}}
+
+
+def _sample_schemas(schema: SampleSchema, max_request_samples: int) -> dict[str, Any]:
+    number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+    return {
+        "Sample": {"type": "object", "required": ["task", "x", "y"],
+                   "additionalProperties": False, "properties": {
+                       "task": _TASK,
+                       "x": {"type": "array", "items": number, "minItems": schema.size,
+                             "maxItems": schema.size,
+                             "description": f"the input's {schema.size} values, flat "
+                                            f"(row-major); nested to {list(schema.input_shape)} "
+                                            "is accepted too"},
+                       "y": {"oneOf": [{"type": "integer", "minimum": 0,
+                                        "maximum": schema.n_classes - 1},
+                                       {"type": "string", "enum": list(schema.classes)}],
+                             "description": "label index or class name"}}},
+        "Batch": {"type": "object", "required": ["samples"], "additionalProperties": False,
+                  "properties": {"samples": {"type": "array", "minItems": 1,
+                                             "maxItems": max_request_samples,
+                                             "items": {"$ref": "#/components/schemas/Sample"}}}},
+    }
+
+
+_DOCUMENT: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "edgecl learn", "version": "1",
              "description": "On-device continual learning daemon: ingest labelled samples, "
@@ -70,18 +111,6 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
-            "Sample": {"type": "object", "required": ["task", "x", "y"],
-                       "additionalProperties": False, "properties": {
-                           "task": _TASK,
-                           "x": {"type": "array", "description": "the input's values, flat "
-                                 "(row-major) or nested to the input shape",
-                                 "items": {}},
-                           "y": {"oneOf": [{"type": "integer", "minimum": 0},
-                                           {"type": "string"}],
-                                 "description": "label index or class name"}}},
-            "Batch": {"type": "object", "required": ["samples"], "additionalProperties": False,
-                      "properties": {"samples": {"type": "array", "minItems": 1, "items": {
-                          "$ref": "#/components/schemas/Sample"}}}},
             "Ack": {"type": "object", "required": ["first_seq", "count"], "properties": {
                 "first_seq": {"type": "integer"}, "count": {"type": "integer"}}},
             "Error": {"type": "object", "required": ["error"],

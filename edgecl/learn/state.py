@@ -56,6 +56,10 @@ class CheckpointStore:
         self.keep = keep
         self.corrupt = 0  # checkpoints refused since start
         folder.mkdir(parents=True, exist_ok=True)
+        for partial in folder.glob(".unnamed.*.tmp"):  # a write that a crash cut short
+            log.warning("removing %s: a checkpoint write that did not finish", partial.name)
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
 
     def paths(self) -> list[Path]:
         """Valid-looking checkpoint names, oldest first (by offset, then time written)."""

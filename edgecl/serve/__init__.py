@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from edgecl.serve.guard import DEFAULT_MODE, DEFAULT_TOLERANCE, RangeGuard
 from edgecl.serve.http import DEFAULT_MAX_BODY_BYTES, InferenceApp, InferenceServer
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
@@ -26,9 +27,12 @@ def create_server(repo: Path, host: str = "127.0.0.1", port: int = 8080,
                   providers: Sequence[str] | None = None, threads: int = 1,
                   token: str | None = None,
                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                  tls: tuple[Path, Path] | None = None) -> InferenceServer:
+                  tls: tuple[Path, Path] | None = None, input_range: str = DEFAULT_MODE,
+                  range_tolerance: float = DEFAULT_TOLERANCE) -> InferenceServer:
     """Load the newest good version of every task in `repo` and bind (with TLS when `tls` is
-    a certificate and key file); `run()` serves."""
+    a certificate and key file); `run()` serves. `input_range` (off, warn, reject) and
+    `range_tolerance`: the input-range guard (`edgecl.serve.guard`); a bad one: ValueError."""
+    guard = RangeGuard(input_range, range_tolerance)
     metrics = ServerMetrics()
     chosen = choose_providers(providers)
     log.info("onnxruntime %s, providers %s, %d thread(s) per inference", ort.__version__,
@@ -36,7 +40,8 @@ def create_server(repo: Path, host: str = "127.0.0.1", port: int = 8080,
     load = functools.partial(load_model, providers=chosen, threads=threads)
     models = LiveModels(repo, load, metrics)
     models.refresh()
-    return InferenceServer(InferenceApp(models, metrics, token, max_body_bytes), host, port, tls)
+    return InferenceServer(InferenceApp(models, metrics, token, max_body_bytes, guard), host,
+                           port, tls)
 
 
 __all__ = ["TOKEN_ENV", "InferenceServer", "ListenError", "create_server"]

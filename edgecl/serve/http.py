@@ -1,7 +1,8 @@
 """The KServe v2 inference protocol (REST): a raw ASGI app under uvicorn with httptools.
 
 Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{task}[/versions/{v}][/ready],
-/metrics; POST /v2/models/{task}[/versions/{v}]/infer (messages: `edgecl.serve.protocol`).
+/metrics, /openapi.json (`edgecl.serve.openapi`); POST /v2/models/{task}[/versions/{v}]/infer
+(messages: `edgecl.serve.protocol`).
 Errors are `{"error": "..."}` with a 4xx status for anything the client got wrong; no input can
 end the server.
 
@@ -21,8 +22,10 @@ from typing import Any
 import orjson
 
 from edgecl import __version__
+from edgecl.serve.guard import RangeGuard
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
+from edgecl.serve.openapi import OPENAPI
 from edgecl.serve.protocol import BINARY_HEADER, encode_response, metadata, parse_request
 from edgecl.serve.runtime import LoadedModel
 from edgecl.web import (
@@ -44,6 +47,7 @@ MODEL_URL = re.compile(r"/v2/models/(?P<task>[^/]+)(?:/versions/(?P<version>[^/]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no token
 _BINARY_KEY = BINARY_HEADER.lower().encode()  # ASGI header names are lower-case bytes
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+_OPENAPI = orjson.dumps(OPENAPI)
 
 
 def _json(obj: Any) -> bytes:
@@ -54,11 +58,13 @@ class InferenceApp:
     """The ASGI application: routes, auth, body limits, metrics; models come from `models`."""
 
     def __init__(self, models: LiveModels, metrics: ServerMetrics, token: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 guard: RangeGuard | None = None) -> None:
         self.models = models
         self.metrics = metrics
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.guard = guard or RangeGuard()
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,6 +105,8 @@ class InferenceApp:
                                         "extensions": ["binary_tensor_data"]}))
         if path == "/metrics":
             return Response(200, self.metrics.render(), self.metrics.content_type)
+        if path == "/openapi.json":
+            return Response(200, _OPENAPI)
         if url is None or url["action"] == "/infer":
             raise RequestError(404, f"no such endpoint: GET {path}")
         model = self._model(url["task"], url["version"])
@@ -115,6 +123,7 @@ class InferenceApp:
         json_length = headers.get(_BINARY_KEY)
         request = await off_loop(body, lambda: parse_request(
             body, json_length and json_length.decode("latin-1"), model.manifest.input))
+        self._check_range(model, request.x)
         t0 = time.perf_counter()
         logits = model.infer(request.x)
         self.metrics.inference(model.manifest.task, time.perf_counter() - t0)
@@ -123,6 +132,15 @@ class InferenceApp:
             return Response(200, payload)
         return Response(200, payload, "application/octet-stream",
                         ((_BINARY_KEY, str(json_part).encode()),))
+
+    def _check_range(self, model: LoadedModel, x: Any) -> None:
+        problem = self.guard.problem(model.manifest, x)
+        if problem is None:
+            return
+        self.metrics.out_of_range(model.manifest.task)
+        if self.guard.mode == "reject":
+            raise RequestError(400, problem)
+        self.guard.warn(model.manifest.task, problem)
 
     def _model(self, task: str, version: str | None) -> LoadedModel:
         model = self.models.get(task)

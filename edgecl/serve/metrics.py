@@ -52,6 +52,10 @@ class ServerMetrics:
             "edgecl_model_refused_total", "Versions refused (manifest, sha256, load, verify); "
             "the previous version keeps serving.",
             ["task", "reason"], registry=self.registry)
+        self._out_of_range = Counter(
+            "edgecl_input_out_of_range_total", "Requests whose values lie outside the task's "
+            "training input range (--input-range: warned or rejected).",
+            ["task"], registry=self.registry)
         self._loaded_lock = threading.Lock()
         self._loaded: set[str] = set()
 
@@ -74,6 +78,9 @@ class ServerMetrics:
         with self._loaded_lock:
             self._loaded.discard(task)
             self._version.remove(task)
+
+    def out_of_range(self, task: str) -> None:
+        self._out_of_range.labels(task).inc()
 
     def refuse(self, task: str, reason: str) -> None:
         self._refused.labels(task, reason).inc()

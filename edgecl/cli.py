@@ -270,6 +270,14 @@ def serve(
              "then never crosses the network in clear.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="The TLS certificate's private key.")
                        ] = None,
+    input_range: Annotated[str, typer.Option(
+        help="Check request values against the range the model saw in training (the "
+             "manifest's input_range, widened by --range-tolerance of its span on each side): "
+             "off, warn (answer; count in edgecl_input_out_of_range_total and log) or reject "
+             "(400 naming the range).")] = "reject",
+    range_tolerance: Annotated[float, typer.Option(
+        min=0.0, help="How far past the training range values may go, as a share of its "
+                      "span (0.5: a [0, 1] model takes [-0.5, 1.5]).")] = 0.5,
 ) -> None:
     """Serve every task's newest model over HTTP (KServe v2 protocol), hot-reloading new versions.
 
@@ -291,7 +299,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         server = create_server(repo, host, port, providers.split(",") if providers else None,
-                               threads, token, int(max_body_mb * (1 << 20)), tls)
+                               threads, token, int(max_body_mb * (1 << 20)), tls,
+                               input_range, range_tolerance)
     except (ValueError, ListenError) as e:
         fail(str(e))
     except OSError as e:  # the repository folder itself cannot be listed

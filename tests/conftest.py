@@ -16,6 +16,10 @@ import torch
 from edgecl.config import build_config
 from edgecl.learners import Learner, LearnerSpec, build_learner
 
+# The suite's nets are small: one thread each, as `edgecl bench` and `learn` run them (`threads:
+# 1`); torch's default of one per core makes them many times slower on a busy machine.
+torch.set_num_threads(1)
+
 
 def make_learner(method: str = "finetune", head: str = "shared", input_shape=(1, 4, 4),
                  n_classes: int = 3, max_tasks: int = 3, params: dict[str, Any] | None = None,

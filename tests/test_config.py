@@ -129,7 +129,7 @@ def test_a_method_brings_its_tuned_optimizer_unless_the_config_states_one(tmp_pa
     ("optimizer: {name: adam}\nmethod: {name: wsn}", ("adam", 0.003)),
     ("optimizer: {name: adam}\nmethod: {name: gem}", ("adam", 0.03)),  # not GEM's SGD lr
     ("optimizer: {name: sgd}\nmethod: {name: gem}", ("sgd", 0.1)),
-    ("method: {name: agem}", ("sgd", 0.1)),
+    ("method: {name: agem}", ("sgd", 0.03)),
 ])
 def test_a_methods_optimizer_defaults_apply_only_to_its_own_optimizer(tmp_path, text, expected):
     cfg = load_config(write(tmp_path, text))

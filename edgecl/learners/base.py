@@ -8,10 +8,8 @@ All randomness after initialisation comes from `self.rng`, which is saved in `st
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -291,22 +289,15 @@ class Learner(ABC):
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         return self.net(x, slot)
 
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """Eval mode without autograd for a run of `forward` calls; the net's mode is restored
-        after. What `predict` does per call, once for many."""
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        slot = self.slot(task)
         was_training = self.net.training
         self.net.eval()
         try:
-            with torch.no_grad():
-                yield
+            return self.forward(x.to(self.device), slot)
         finally:
             self.net.train(was_training)
-
-    def predict(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        slot = self.slot(task)
-        with self.evaluating():
-            return self.forward(x.to(self.device), slot)
 
     def task_module(self, task: str) -> nn.Module:
         """An independent copy of task `task`'s dense network, in eval mode, on the CPU."""

@@ -6,11 +6,12 @@
 Both learn edgecl's embedded pmnist (20 tasks x 1,000 training digits, 1,000 test digits each),
 written once as the reference's own task file ([tasks_tr, tasks_te], each task
 [name, x [n, 784], y [n]]) and read back by the reference's `load_datasets`. Both take batches of
-10, one thread (`torch.set_num_threads(1)`), and evaluate every task's whole test set before
-training and after each task (the reference's schedule with `--log_every 100`: 100 batches per
-task). Each run is its own process, timed from the first evaluation to the last (the reference's
-own `life_experience` time; edgecl's `wall_s`); runs alternate reference, edgecl, reference, ...
-and the median of `--repeats` runs counts.
+10 and one thread (`torch.set_num_threads(1)`; OpenMP, MKL and OpenBLAS for numpy: 1), and
+evaluate every task's whole test set before training and after each task (the reference's
+schedule with `--log_every 100`: 100 batches per task). Each run is its own process, timed
+from the first evaluation to the last (the reference's own `life_experience` time; edgecl's
+`wall_s`); runs alternate reference, edgecl, reference, ... and the median of `--repeats` runs
+counts.
 
 Pairs (reference model and its run_experiments.sh settings for pmnist / edgecl preset):
 fine-tuning: `single` lr 0.03 / models/finetune.yaml; EWC: `ewc` lr 0.1, 10 memories, strength 3
@@ -144,7 +145,10 @@ def run_edgecl(method: str, tasks: int, seed: int) -> dict[str, Any]:
 def one_run(args: argparse.Namespace, side: str, method: str, data_dir: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--reference", str(args.reference), "--tasks",
            str(args.tasks), "--seed", str(args.seed), "--one", side, method, str(data_dir)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # numpy's BLAS (the reference's GEM solves its QP with numpy) takes one thread too
+    env = {**os.environ, **{k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                             "OPENBLAS_NUM_THREADS")}}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.splitlines()[-1])
 
 

@@ -143,3 +143,29 @@ def test_independent_warm_start_copies_the_previous_trained_net():
     # one step from t0's weights: close to them, unlike t1's own random initialisation
     for name, w in learner.net.nets[1].state_dict().items():
         assert (w - trained[name]).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc"])
+@pytest.mark.parametrize("optimizer", [{}, {"momentum": 0.9}, {"weight_decay": 0.01},
+                                       {"name": "adam", "lr": 0.01}])
+def test_optimizer_shortcut_steps_exactly_as_torch_does(monkeypatch, method, optimizer):
+    """base.optimizer_step's plain-SGD shortcut (and its fallback for anything else) leaves the
+    weights bit-identical to torch's own `optimizer.step()`, per-task heads without a gradient
+    included."""
+    from edgecl.learners import base, penalty
+    learners = [make_learner(method, "per_task", optimizer=optimizer) for _ in range(2)]
+    for i, learner in enumerate(learners):
+        if i:  # the second learns through torch's step
+            for module in (base, penalty):
+                monkeypatch.setattr(module, "optimizer_step", lambda opt: opt.step())
+        train(learner, 0)
+        train(learner, 1)
+    for a, b in zip(params(learners[0]), params(learners[1]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_optimizer_shortcut_is_taken_for_plain_sgd_only():
+    from edgecl.learners.base import is_plain_sgd
+    assert is_plain_sgd(make_learner().optimizer)
+    for optimizer in ({"momentum": 0.9}, {"weight_decay": 0.01}, {"name": "adam"}):
+        assert not is_plain_sgd(make_learner(optimizer=optimizer).optimizer)

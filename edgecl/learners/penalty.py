@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
-from edgecl.learners.base import Learner, LearnerSpec, StepStats
+from edgecl.learners.base import Learner, LearnerSpec, StepStats, optimizer_step, zero_grad
 
 Merge = Literal["average", "decay"]
 PER_SAMPLE_CHUNK = 64  # samples per vmap call: bounds the [chunk, n_params] gradient block
@@ -90,9 +90,9 @@ class QuadraticPenalty:
         self.n_tasks += 1
 
     def stiffness(self) -> torch.Tensor:
-        """λΩ per weight, capped at `max_stiffness`: the penalty's curvature. Recomputed per
-        step rather than kept, so the state stays two parameter-sized vectors."""
-        return (self.strength * self.importance).clamp(max=self.max_stiffness)
+        """λΩ per weight, capped at `max_stiffness`: the penalty's curvature, as a new tensor.
+        Recomputed per step rather than kept, so the state stays two parameter-sized vectors."""
+        return torch.mul(self.importance, self.strength).clamp_(max=self.max_stiffness)
 
     def value(self) -> torch.Tensor:
         """The penalty, differentiable in the parameters (0 before any task is consolidated)."""
@@ -107,8 +107,10 @@ class QuadraticPenalty:
         would, without building a graph; returns the penalty's value."""
         if self.importance is None:
             return self.params[0].new_zeros(())
-        drift = parameters_to_vector(self.params) - self.anchor
-        gradient = self.stiffness() * drift
+        # in place on the fresh temporaries: two parameter-sized allocations instead of five
+        # (1/5 of this function's time on a CPU)
+        drift = parameters_to_vector(self.params).sub_(self.anchor)
+        gradient = self.stiffness().mul_(drift)
         for p, g in zip(self.params, gradient.split([p.numel() for p in self.params]),
                         strict=True):
             if p.grad is None:
@@ -188,11 +190,11 @@ class QuadraticPenaltyLearner(Learner):
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         self.memory.add(x, y, slot)
-        self.optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.optimizer)
         loss = F.cross_entropy(self.forward(x, slot), y)
         loss.backward()
         penalty = self.penalty.backward()
-        self.optimizer.step()
+        optimizer_step(self.optimizer)
         return StepStats(loss.detach() + penalty)
 
     def consolidate(self, slot: int) -> None:

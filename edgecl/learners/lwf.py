@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat
 
-from edgecl.learners.base import Learner, LearnerSpec, StepStats
+from edgecl.learners.base import Learner, LearnerSpec, StepStats, optimizer_step, zero_grad
 from edgecl.nets import TaskNet
 
 
@@ -57,19 +57,21 @@ class LwF(Learner):
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         net = self.net
-        self.optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.optimizer)
         features = net.body(x)
-        loss = F.cross_entropy(net.heads[net.head_index(slot)](features), y)
+        own = net.head_index(slot)
+        logits = net.heads[own](features)  # in shared mode also the one distilled head
+        loss = F.cross_entropy(logits, y)
         heads = self.old_heads(slot)
         if heads:
             with torch.no_grad():
                 teacher_features = self.teacher.body(x)
             loss = loss + self.params.strength * sum(
-                distillation(net.heads[h](features), self.teacher.heads[h](teacher_features),
-                             self.params.temperature)
+                distillation(logits if h == own else net.heads[h](features),
+                             self.teacher.heads[h](teacher_features), self.params.temperature)
                 for h in heads)
         loss.backward()
-        self.optimizer.step()
+        optimizer_step(self.optimizer)
         return StepStats(loss.detach())
 
     def consolidate(self, slot: int) -> None:

@@ -77,7 +77,10 @@ class CheckpointStore:
 
         with atomic_open_named(self.folder, name) as f:
             hashing = _HashingWriter(f)
-            torch.save(checkpoint_payload(learner, {**meta, "offset": offset}), hashing)
+            try:
+                torch.save(checkpoint_payload(learner, {**meta, "offset": offset}), hashing)
+            except RuntimeError as e:  # torch's zip writer turns a failed write (ENOSPC) into this
+                raise OSError(f"checkpoint write failed: {e}") from e
         path = self.folder / name()
         for old in self.paths()[:-self.keep]:
             with contextlib.suppress(FileNotFoundError):

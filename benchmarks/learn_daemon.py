@@ -92,6 +92,16 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+
+def proc_status_kb(pid: int) -> dict[str, int]:
+    """A process's resident set size now and at its peak (VmRSS, VmHWM), in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
 class BenchError(RuntimeError):
     """A daemon or a bench run failed: the message says which and shows its log tail."""
 
@@ -227,12 +237,7 @@ class Daemon:
 
     def rss_kb(self) -> dict[str, int]:
         assert self.proc is not None
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0])
-        return fields
+        return proc_status_kb(self.proc.pid)
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the daemon has used so far."""
@@ -241,20 +246,21 @@ class Daemon:
         fields = stat[stat.rindex(")") + 2:].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def kill(self) -> None:
-        """SIGKILL (what a crash or a power cut leaves behind)."""
+    def _close_connection(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def kill(self) -> None:
+        """SIGKILL (what a crash or a power cut leaves behind)."""
+        self._close_connection()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
 
     def stop(self) -> None:
         """SIGTERM (checkpoint and exit), SIGKILL if that takes over 60 s."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._close_connection()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,8 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from learn_daemon import ROOT, Pmnist, Sender, running, write_config
-from serve_load import LUA, export_model, server
+from learn_daemon import ROOT, Pmnist, Sender, proc_status_kb, running, write_config
+from serve_load import LUA, export_model, server, wrk
 
 PACED_CONNECTIONS = 32  # under the servers' limit of 64
 WINDOW_KEYS = ("requests_per_s", "p50_ms", "p99_ms", "max_ms", "non_2xx", "socket_errors")
@@ -55,33 +53,13 @@ def load_average() -> float:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return proc_status_kb(pid)["VmRSS"] / 1024
 
 
 def wrk_run(url: str, script: Path, connections: int, seconds: float) -> dict[str, float]:
-    """One wrk run (2 threads): rate, latency percentiles in ms, errors of every kind."""
-    out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s",
-                          "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True,
-                         timeout=seconds + 60).stdout
-    result = {f"p{q}_ms": _ms(re.search(rf"^\s+{q}%\s+(\S+)", out, re.MULTILINE)[1])
-              for q in (50, 99)}
-    result["max_ms"] = _ms(re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)[1])
-    result["requests_per_s"] = float(re.search(r"Requests/sec:\s+(\S+)", out)[1])
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result["non_2xx"] = int(errors[1]) if errors else 0
-    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                       out)
-    result["socket_errors"] = sum(map(int, socket.groups())) if socket else 0
-    return result
-
-
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1, "s": 1e3, "m": 6e4}[unit]
+    """One wrk run (2 threads): rate, latencies in ms, errors of every kind."""
+    run = wrk(url, script, connections, seconds, threads=2)
+    return {k.replace("_us", "_ms"): v / 1e3 if k.endswith("_us") else v for k, v in run.items()}
 
 
 def paced_script(folder: Path, body: Path, delay_ms: float) -> Path:

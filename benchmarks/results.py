@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweep import mean_std
+
 from edgecl.bench import load_config_benchmark, method_configs, run_protocol
 from edgecl.cli import use_threads
 from edgecl.config import Config
@@ -108,21 +110,15 @@ def joint_lr(cfg: Config, epochs: int) -> float:
     return max(scores, key=scores.__getitem__)
 
 
-def mean_std(values: list[float], signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{sign}.3f} ± {std:.3f}"
-
-
 def row(method: str, results: list[dict[str, Any]], epochs: int) -> list[str]:
     if method == "joint":
         return [f"offline upper bound ({epochs} epochs, lr {results[0]['lr']})",
-                mean_std([r["acc"] for r in results]),
+                mean_std([r["acc"] for r in results], 3),
                 "", "", f"{statistics.mean(r['train_s'] for r in results):.1f}", "", ""]
     fp = results[0]["footprint"]  # the same every seed
-    return [method, mean_std([r["acc"] for r in results]),
-            mean_std([r["bwt"] for r in results], signed=True),
-            mean_std([r["fwt"] for r in results], signed=True),
+    return [method, mean_std([r["acc"] for r in results], 3),
+            mean_std([r["bwt"] for r in results], 3, signed=True),
+            mean_std([r["fwt"] for r in results], 3, signed=True),
             f"{statistics.mean(r['train_s'] for r in results):.1f}",
             f"{fp['training_bytes']:,}", f"{fp['deployable_bytes']:,}"]
 

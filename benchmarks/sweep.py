@@ -67,9 +67,11 @@ def run(config: Path, overrides: dict[str, Any], seeds: list[int], evaluate_on: 
     return accs, train_s
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 4, signed: bool = False) -> str:
+    """"mean ± sample std" (std 0 for one value)."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+    sign = "+" if signed else ""
+    return f"{statistics.mean(values):{sign}.{digits}f} ± {std:.{digits}f}"
 
 
 def main() -> None:

@@ -11,12 +11,13 @@ by task), and the batches of all tasks are shuffled together every epoch.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.bench import EVAL_BATCH, learner_spec
+from edgecl.bench import Evaluator, learner_spec
 from edgecl.config import Config
 from edgecl.data import Benchmark
 from edgecl.learners.base import make_optimizer, resolve_device
@@ -54,17 +55,9 @@ def joint_training(cfg: Config, bench: Benchmark, epochs: int = 5) -> dict[str, 
             F.cross_entropy(net(x, slot), y).backward()
             optimizer.step()
     train_s = time.perf_counter() - t0
-    accs = _test_accuracies(net, bench, device)
-    return {"accs": accs, "acc": float(np.mean(accs)), "train_s": train_s, "epochs": epochs}
-
-
-@torch.no_grad()
-def _test_accuracies(net: torch.nn.Module, bench: Benchmark, device: torch.device) -> list[float]:
     net.eval()
-    accs = []
-    for slot, task in enumerate(bench.tasks):
-        correct = sum(int((net(task.x_test[i:i + EVAL_BATCH].to(device), slot).argmax(1)
-                           == task.y_test[i:i + EVAL_BATCH].to(device)).sum())
-                      for i in range(0, len(task.y_test), EVAL_BATCH))
-        accs.append(correct / len(task.y_test))
-    return accs
+    slots = {task.name: slot for slot, task in enumerate(bench.tasks)}
+    with torch.no_grad():  # Evaluator asks only for `predict(x, task)` of what it evaluates
+        accs = Evaluator(bench, device)(SimpleNamespace(predict=lambda x, t: net(x, slots[t])))
+    return {"accs": accs.tolist(), "acc": float(np.mean(accs)), "train_s": train_s,
+            "epochs": epochs}

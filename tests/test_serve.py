@@ -357,16 +357,24 @@ def infer_in_background(server, task, x):
         worker.join(WAIT_S)
 
 
+def no_request_fails_while(server, task, x, change, done, what):
+    """Infer `x` on `task` without pause while `change()` runs and until `done()`: every answer
+    before, during and after it is a 200."""
+    with infer_in_background(server, task, x) as statuses:
+        wait_for(lambda: len(statuses) >= 5, f"requests before {what}")
+        change()
+        wait_for(done, what)
+        n = len(statuses)
+        wait_for(lambda: len(statuses) >= n + 5, f"requests after {what}")
+    assert set(statuses) == {200}
+
+
 def test_a_new_version_is_swapped_in_without_failing_a_request(repo, learner):
     x = torch.rand(3, 1, 4, 4)
     with running(repo) as server:
-        with infer_in_background(server, "t0", x) as statuses:
-            wait_for(lambda: len(statuses) >= 5, "requests before the reload")
-            republish(repo, repo / "t1" / "1", "t0")  # t0's version 2 computes what t1 does
-            wait_for(lambda: server.models.get("t0").version == 2, "version 2")
-            n = len(statuses)
-            wait_for(lambda: len(statuses) >= n + 5, "requests after the reload")
-        assert set(statuses) == {200}
+        no_request_fails_while(  # t0's version 2 computes what t1 does
+            server, "t0", x, lambda: republish(repo, repo / "t1" / "1", "t0"),
+            lambda: server.models.get("t0").version == 2, "the reload to version 2")
         with Client(server.url) as client:
             np.testing.assert_allclose(client.infer("t0", x.numpy()),
                                        learner.predict(x, "t1").numpy(), atol=1e-5)
@@ -606,13 +614,9 @@ def test_the_poller_rolls_back_while_requests_run_and_none_fails(repo, learner):
     x = torch.rand(2, 1, 4, 4)
     republish(repo, repo / "t1" / "1", "t0")
     with running(repo) as server:
-        with infer_in_background(server, "t0", x) as statuses:
-            wait_for(lambda: len(statuses) >= 5, "requests before the rollback")
-            mark_bad(repo, "t0", 2)
-            wait_for(lambda: server.models.get("t0").version == 1, "the rollback to version 1")
-            n = len(statuses)
-            wait_for(lambda: len(statuses) >= n + 5, "requests after the rollback")
-        assert set(statuses) == {200}
+        no_request_fails_while(
+            server, "t0", x, lambda: mark_bad(repo, "t0", 2),
+            lambda: server.models.get("t0").version == 1, "the rollback to version 1")
         with Client(server.url) as client:
             np.testing.assert_allclose(client.infer("t0", x.numpy()),
                                        learner.predict(x, "t0").numpy(), atol=1e-5)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from threads import burners  # benchmarks/threads.py: busy-looping processes
 from torch import nn
 
 from edgecl.bench import load_config_benchmark, run_protocol, sync_device
@@ -50,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=20, help="number of tasks [20]")
     p.add_argument("--samples-per-task", type=int, default=1000, help="[1000]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument("--burners", type=int, default=0,
+                   help="busy-looping processes beside the runs, as a device's other work [0]")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch [torch's default]")
     p.add_argument("--repeats", type=int, default=2,
@@ -205,8 +208,11 @@ def main() -> None:
     cfgs = configs(args)
     bench = load_config_benchmark(cfgs["gem"])
     print(f"pmnist: {len(bench.tasks)} tasks x {args.samples_per_task}, torch {torch.__version__},"
-          f" {torch.get_num_threads()} CPU threads, {args.repeats} runs each")
-    report(run_all(cfgs, bench, args.repeats, args.gemm_repeats))
+          f" {torch.get_num_threads()} CPU threads, {args.repeats} runs each, {args.burners} busy"
+          " process(es) beside")
+    with burners(args.burners):
+        results = run_all(cfgs, bench, args.repeats, args.gemm_repeats)
+    report(results)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threads import burners  # benchmarks/threads.py: busy-looping processes
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_FILE = "pmnist_edgecl.pt"
@@ -67,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs of each side per pair [3]")
     p.add_argument("--tasks", type=int, default=20, help="[20]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument("--burners", type=int, default=0,
+                   help="busy-looping processes beside both sides, as a device's other work [0]")
     p.add_argument("--one", nargs=3, metavar=("SIDE", "METHOD", "DATA_DIR"),
                    help=argparse.SUPPRESS)  # one run in this process, JSON on stdout
     args = p.parse_args()
@@ -164,9 +167,9 @@ def main() -> None:
         return
     load_before = os.getloadavg()
     print(f"pmnist {args.tasks} tasks x 1000, batch 10, 1 thread, torch {torch.__version__}, "
-          f"{args.repeats} alternating runs per side")
+          f"{args.repeats} alternating runs per side, {args.burners} busy process(es) beside")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, burners(args.burners):
         write_task_file(Path(tmp) / DATA_FILE, args.tasks, args.seed)
         for method in args.methods:
             runs: dict[str, list[dict[str, Any]]] = {"reference": [], "edgecl": []}

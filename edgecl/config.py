@@ -200,16 +200,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _method_name(data: dict[str, Any]) -> Any:
-    method = data.get("method")
-    default = MethodConfig.model_fields["name"].default
-    return method.get("name", default) if isinstance(method, dict) else default
-
-
-def _benchmark_name(data: dict[str, Any]) -> Any:
-    bench = data.get("benchmark")
-    default = BenchmarkConfig.model_fields["name"].default
-    return bench.get("name", default) if isinstance(bench, dict) else default
+def _name_in(data: dict[str, Any], section: str, model: type[BaseModel]) -> Any:
+    """The `name` that `data[section]` gives, else `model`'s default name."""
+    part = data.get(section)
+    default = model.model_fields["name"].default
+    return part.get("name", default) if isinstance(part, dict) else default
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> Config:
@@ -225,10 +220,11 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     from edgecl.learners.settings import benchmark_settings
 
     try:
-        defaults = learner_class(_method_name(data)).optimizer_defaults
+        defaults = learner_class(_name_in(data, "method", MethodConfig)).optimizer_defaults
     except (KeyError, TypeError):
         defaults = {}  # an unknown method is reported below, with the valid names
-    tuned = benchmark_settings(str(_method_name(data)), str(_benchmark_name(data)))
+    tuned = benchmark_settings(str(_name_in(data, "method", MethodConfig)),
+                               str(_name_in(data, "benchmark", BenchmarkConfig)))
     defaults = {**defaults, **tuned.get("optimizer", {})}
     method = data.get("method")
     if tuned.get("method") and isinstance(method, dict):
@@ -262,11 +258,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     data = read_yaml(path) if path else {}
     overrides = overrides or {}
     new_method = overrides.get("method", {}).get("name")
-    if new_method and new_method != _method_name(data):
+    if new_method and new_method != _name_in(data, "method", MethodConfig):
         data = {k: v for k, v in data.items() if k not in ("method", "optimizer")}
-    preset_bench = data.get("benchmark")
     new_bench = overrides.get("benchmark", {}).get("name")
-    if isinstance(preset_bench, dict) and new_bench and new_bench != preset_bench.get("name"):
+    preset_bench = data.get("benchmark")
+    if (isinstance(preset_bench, dict) and new_bench
+            and new_bench != _name_in(data, "benchmark", BenchmarkConfig)):
         counts = ("n_tasks", "samples_per_task")
         data = {**data, "benchmark": {k: v for k, v in preset_bench.items() if k not in counts}}
     return build_config(deep_merge(data, overrides), str(path) if path else "config")

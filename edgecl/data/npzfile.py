@@ -244,7 +244,7 @@ def _encode_names(path: Path, tasks: list[_Task], names: tuple[str, ...] | None,
     out = []
     for i, task in enumerate(tasks):
         classes = names or natural_order(np.concatenate([task.y_train, task.y_test]))
-        if len(classes) != len(out[0].classes if out else classes):
+        if out and len(classes) != len(out[0].classes):
             raise _error(path, f"task{i}_y_train", f"names {len(classes)} classes but task0 "
                          f"names {len(out[0].classes)}: per-task heads share one width; give a "
                          "'classes' array naming every label (each head then has one output "

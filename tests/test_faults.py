@@ -4,14 +4,12 @@ acknowledged and still on disk is lost, and what damage destroyed is counted, no
 (A corrupt newest checkpoint: test_learn_daemon.py; a corrupt newest model version under
 `edgecl serve`: test_serve.py.)"""
 
-import contextlib
 import errno
 import logging
 import re
-import subprocess
 import uuid
 
-import pytest
+from conftest import small_tmpfs
 from learn_helpers import call, records, running, stream_config, task_samples, wait_learned
 
 from edgecl.learn.daemon import Daemon
@@ -93,20 +91,6 @@ def test_a_bit_flipped_journal_record_becomes_a_lost_gap_and_the_rest_is_kept(tm
     assert [c.kind for c in chunks[-2:]] == [LOST, SAMPLE]
     assert [c.x.tobytes() for c in chunks if c.kind == SAMPLE] == xs[:-2] + xs[-1:]
     check_recovered(daemon, tmp_path, (REQUESTS - 1) * PER_REQUEST, PER_REQUEST)
-
-
-@contextlib.contextmanager
-def small_tmpfs(path, size: str):
-    """A tmpfs of `size` mounted at `path` (root only: skipped where mount is refused)."""
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def fill(folder) -> None:

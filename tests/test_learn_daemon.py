@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from conftest import small_tmpfs
 from learn_helpers import (
     assert_same_state,
     call,
@@ -209,12 +210,7 @@ def test_unix_socket_acks_each_line_and_is_private(tmp_path):
 def test_a_full_disk_is_a_507_that_accepts_nothing_and_passes(tmp_path):
     """The state dir on a 3 MB tmpfs: ingest fills it, gets 507s that accept nothing, learning
     and the daemon go on; once there is room again, samples are accepted again."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    try:
+    with small_tmpfs(tmp_path / "disk", "3m") as disk:
         cfg = build_config({
             "seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [4]},
             "method": {"name": "finetune"},
@@ -241,5 +237,3 @@ def test_a_full_disk_is_a_507_that_accepts_nothing_and_passes(tmp_path):
                                 {"Content-Type": BINARY_TYPE})
             assert status == 202 and daemon.status()["accepted"] == accepted + 50
             wait_learned(daemon, accepted + 50 - 10)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)

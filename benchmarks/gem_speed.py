@@ -35,10 +35,11 @@ import torch
 from threads import burners  # benchmarks/threads.py: busy-looping processes
 from torch import nn
 
-from edgecl.bench import load_config_benchmark, run_protocol, sync_device
-from edgecl.config import Config, load_config
+from edgecl.config import Config
 from edgecl.data import Benchmark
 from edgecl.learners import Learner
+from edgecl.protocol import run_protocol, sync_device
+from edgecl.setup import benchmark_for, load_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -206,7 +207,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfgs = configs(args)
-    bench = load_config_benchmark(cfgs["gem"])
+    bench = benchmark_for(cfgs["gem"])
     print(f"pmnist: {len(bench.tasks)} tasks x {args.samples_per_task}, torch {torch.__version__},"
           f" {torch.get_num_threads()} CPU threads, {args.repeats} runs each, {args.burners} busy"
           " process(es) beside")

@@ -13,7 +13,7 @@ its own, the daemon runs with `--threads 1`, so both learn on one torch thread. 
 
 1. ingest: durable ingest over HTTP, one keep-alive connection (http.client), requests of
    --batch samples (784 float32 values each), for --seconds each, as JSON `{"samples": [...]}`
-   (encoded as `edgecl.learn.client` does) and as the binary form
+   (encoded as `edgecl.daemon.client` does) and as the binary form
    (`application/vnd.edgecl.samples`), while the daemon learns fine-tuning. Reports samples/s
    acknowledged (202), p50 / p99 request latency, 429s, and what the learner got done meanwhile.
    `learn.max_lag` is set huge, so 429s should not occur (they are counted, then retried).
@@ -125,7 +125,7 @@ class Pmnist:
         return header + b"\n" + self.x[task][start:start + n].tobytes()
 
     def json(self, task: int, start: int, n: int) -> bytes:
-        """As `edgecl.learn.client.LearnClient` encodes JSON: float32 values, shortest form."""
+        """As `edgecl.daemon.client.LearnClient` encodes JSON: float32 values, shortest form."""
         name = self.names[task]
         return orjson.dumps({"samples": [
             {"task": name, "x": self.x[task][i], "y": int(self.y[task][i])}

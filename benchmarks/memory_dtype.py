@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
-from edgecl.bench import load_config_benchmark, run_protocol
-from edgecl.config import Config, load_config
+from edgecl.config import Config
 from edgecl.learners import Learner
+from edgecl.protocol import run_protocol
+from edgecl.setup import benchmark_for, load_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DTYPES = ("float32", "float16", "uint8")
@@ -67,7 +68,7 @@ Key = tuple[str, str]  # (method, memory dtype)
 
 
 def run_all(cfgs: dict[Key, Config], repeats: int) -> tuple[dict[Key, Any], dict[Key, Learner]]:
-    bench = load_config_benchmark(next(iter(cfgs.values())))
+    bench = benchmark_for(next(iter(cfgs.values())))
     best: dict[Key, dict[str, Any]] = {}
     learners: dict[Key, Learner] = {}
     for _ in range(repeats):

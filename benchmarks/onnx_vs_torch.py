@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from edgecl.checkpoint import load_learner
-from edgecl.config import load_config
 from edgecl.export import INPUT_NAME, OUTPUT_NAME, to_onnx
 from edgecl.learners import LearnerSpec, build_learner
 from edgecl.serve.runtime import session_options
+from edgecl.setup import load_config
 
 PMNIST_SHAPE, PMNIST_CLASSES = (1, 28, 28), 10
 

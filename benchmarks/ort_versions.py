@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.bench import load_config_benchmark, run_protocol
 from edgecl.checkpoint import save_checkpoint
-from edgecl.config import load_config
 from edgecl.export import Exporter
-from edgecl.serve.repository import probe_input
+from edgecl.protocol import run_protocol
+from edgecl.repository import probe_input
+from edgecl.setup import benchmark_for, load_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 PRESETS = {"mlp": "gem.yaml", "conv1d": "mnist1d-conv1d.yaml",
@@ -66,7 +66,7 @@ def export_models(workdir: Path) -> list[dict[str, str]]:
     for name, preset in PRESETS.items():
         cfg = load_config(MODELS / preset, {"device": "cpu", "benchmark": {
             "n_tasks": 2, "samples_per_task": 20}})
-        _, learner = run_protocol(cfg, load_config_benchmark(cfg))
+        _, learner = run_protocol(cfg, benchmark_for(cfg))
         checkpoint = workdir / name / "checkpoint.pt"
         save_checkpoint(checkpoint, learner)
         exporter = Exporter(checkpoint)

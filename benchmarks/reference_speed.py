@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def edgecl_config(method: str, tasks: int, seed: int) -> Any:
-    from edgecl.config import load_config
+    from edgecl.setup import load_config
     return load_config(ROOT / "models" / PAIRS[method][2], {
         "device": "cpu", "seed": seed, "threads": 1,
         "benchmark": {"name": "pmnist", "n_tasks": tasks, "samples_per_task": 1000,
@@ -91,8 +91,8 @@ def edgecl_config(method: str, tasks: int, seed: int) -> Any:
 
 def write_task_file(path: Path, tasks: int, seed: int) -> None:
     """edgecl's pmnist tensors in the layout of the reference's data/mnist_permutations.py."""
-    from edgecl.bench import load_config_benchmark
-    bench = load_config_benchmark(edgecl_config("finetune", tasks, seed))
+    from edgecl.setup import benchmark_for
+    bench = benchmark_for(edgecl_config("finetune", tasks, seed))
     tr = [[t.name, t.x_train.reshape(len(t.x_train), -1).clone(), t.y_train.clone()]
           for t in bench.tasks]
     te = [[t.name, t.x_test.reshape(len(t.x_test), -1).clone(), t.y_test.clone()]
@@ -134,10 +134,11 @@ def run_reference(reference: Path, method: str, data_dir: Path, seed: int) -> di
 
 
 def run_edgecl(method: str, tasks: int, seed: int) -> dict[str, Any]:
-    from edgecl.bench import learner_spec, load_config_benchmark, run_protocol
     from edgecl.learners import build_learner
+    from edgecl.protocol import run_protocol
+    from edgecl.setup import benchmark_for, learner_spec
     cfg = edgecl_config(method, tasks, seed)
-    bench = load_config_benchmark(cfg)
+    bench = benchmark_for(cfg)
     build_learner(learner_spec(cfg, bench))  # its lazy imports (1 s): cpu_s times the run alone
     cpu0 = time.process_time()
     result, _ = run_protocol(cfg, bench)

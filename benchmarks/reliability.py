@@ -1,4 +1,4 @@
-"""Soak runs behind the README's "Reliability" table: serve and learn under sustained load.
+"""Soak runs behind the table in docs/reliability.md: serve and learn under sustained load.
 
     apt-get install -y wrk
     .venv/bin/python benchmarks/reliability.py [--parts serve learn] [--minutes 10]
@@ -19,7 +19,7 @@ learn: a fine-tuning `edgecl learn` daemon on the pmnist schema (models/finetune
 (threads, each its own tasks) can post binary requests of 100 real pmnist samples, each task's
 first 1,000 then its end marker, tasks cycling. Ingest can outrun the learner, so the journal
 lag reaches max_lag and backpressure (429) engages. A 429 is waited out (Retry-After, at most
-0.1 s) and sent again, as `edgecl.learn.client` does. Every --window-s:
+0.1 s) and sent again, as `edgecl.daemon.client` does. Every --window-s:
 samples acknowledged, 429s, journal lag, the daemon's RSS. At the end the client waits until
 everything is learned and checks that the daemon accepted and learned exactly the samples it
 acknowledged (samples lost: acknowledged - learned).

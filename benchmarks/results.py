@@ -1,19 +1,19 @@
-"""Every results table in the README, regenerated: each method over several seeds, mean ± std.
+"""Every results table of docs/results.md, regenerated: each method over several seeds, mean ± std.
 
 Each table is `edgecl bench --method all` on one benchmark and net (the settings each method
-runs with there: its preset values, or `edgecl/learners/settings.py` for benchmarks that need
-others), run once per seed, plus the offline upper bound (`edgecl.joint`: the same net trained on
-all tasks' data at once for `--epochs` epochs, its SGD learning rate chosen on the validation
-split). Hyper-parameters were chosen on validation
+runs with there: its preset values, or the tuned settings in the method's class in
+`edgecl/learners/` for benchmarks that need others), run once per seed, plus the offline upper
+bound (`edgecl.joint`: the same net trained on all tasks' data at once for `--epochs` epochs, its
+SGD learning rate chosen on the validation split). Hyper-parameters were chosen on validation
 splits (`benchmarks/sweep.py`); these are test-split numbers. One thread, as `edgecl bench`.
 
-    .venv/bin/python benchmarks/results.py                  # every table into README.md
-    .venv/bin/python benchmarks/results.py --tables pmnist --seeds 0 1 2 --no-readme
-    .venv/bin/python benchmarks/results.py --readme-only    # the saved tables into README.md
+    .venv/bin/python benchmarks/results.py                  # every table into docs/results.md
+    .venv/bin/python benchmarks/results.py --tables pmnist --seeds 0 1 2 --no-docs
+    .venv/bin/python benchmarks/results.py --docs-only      # the saved tables into the page
 
-Tables go to runs/results/<table>.md (and .json with every run's numbers); unless --no-readme,
+Tables go to runs/results/<table>.md (and .json with every run's numbers); unless --no-docs,
 each replaces the lines between `<!-- results:<table> -->` and `<!-- /results:<table> -->` in
-README.md.
+docs/results.md (the text around the blocks is written by hand).
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from typing import Any
 
 from sweep import mean_std
 
-from edgecl.bench import load_config_benchmark, method_configs, run_protocol
 from edgecl.cli import use_threads
 from edgecl.config import Config
 from edgecl.joint import joint_training
+from edgecl.protocol import run_protocol
+from edgecl.setup import benchmark_for, method_configs
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DOC = ROOT / "docs" / "results.md"
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+",
                    help="seeds of every table (default: each table's, 0-4 or 0-2)")
     p.add_argument("--epochs", type=int, default=5, help="of the offline upper bound [5]")
-    p.add_argument("--no-readme", action="store_true", help="leave README.md alone")
-    p.add_argument("--readme-only", action="store_true",
-                   help="run nothing: put the tables saved in runs/results/ into README.md")
+    p.add_argument("--no-docs", action="store_true", help="leave docs/results.md alone")
+    p.add_argument("--docs-only", action="store_true",
+                   help="run nothing: put the tables saved in runs/results/ into docs/results.md")
     return p.parse_args()
 
 
@@ -83,7 +85,7 @@ def run_table(table: Table, seeds: list[int], epochs: int) -> dict[str, list[dic
         configs = method_configs(
             ROOT / table.config if table.config else None,
             {**table.overrides, "seed": seed, "method": {"name": "all"}})
-        bench = load_config_benchmark(configs[0])
+        bench = benchmark_for(configs[0])
         for cfg in configs:
             result, _ = run_protocol(cfg, bench)
             runs.setdefault(cfg.method.name, []).append(result)
@@ -104,7 +106,7 @@ def joint_lr(cfg: Config, epochs: int) -> float:
     """The offline bound's learning rate, chosen on the validation split (first seed)."""
     val = cfg.model_copy(update={"benchmark": cfg.benchmark.model_copy(
         update={"evaluate_on": "validation"})})
-    bench = load_config_benchmark(val)
+    bench = benchmark_for(val)
     scores = {lr: joint_training(with_lr(val, lr), bench, epochs)["acc"] for lr in JOINT_LRS}
     print(f"joint validation ACC by lr: {scores}", flush=True)
     return max(scores, key=scores.__getitem__)
@@ -134,14 +136,14 @@ def markdown(name: str, runs: dict[str, list[dict[str, Any]]], seeds: list[int],
     return "\n".join(lines) + "\n"
 
 
-def replace_in_readme(name: str, text: str) -> None:
-    readme = ROOT / "README.md"
+def replace_in_results_doc(name: str, text: str, doc: Path = RESULTS_DOC) -> None:
+    """Put `text` between the `<!-- results:name -->` and `<!-- /results:name -->` lines of doc."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
-    old = readme.read_text()
+    old = doc.read_text(encoding="utf-8")
     if not pattern.search(old):
-        raise SystemExit(f"README.md has no {start} ... {end} block for this table")
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}{end}", old))
+        raise SystemExit(f"{doc.relative_to(ROOT)} has no {start} ... {end} block for this table")
+    doc.write_text(pattern.sub(lambda _: f"{start}\n{text}{end}", old), encoding="utf-8")
 
 
 def main() -> None:
@@ -150,14 +152,14 @@ def main() -> None:
     out = ROOT / "runs" / "results"
     out.mkdir(parents=True, exist_ok=True)
     for name in args.tables:
-        if not args.readme_only:
+        if not args.docs_only:
             seeds = args.seeds or list(TABLES[name].seeds)
             runs = run_table(TABLES[name], seeds, args.epochs)
             (out / f"{name}.md").write_text(markdown(name, runs, seeds, args.epochs))
             (out / f"{name}.json").write_text(json.dumps(runs, indent=1) + "\n")
         text = (out / f"{name}.md").read_text()
-        if not args.no_readme:
-            replace_in_readme(name, text)
+        if not args.no_docs:
+            replace_in_results_doc(name, text)
         print(text, flush=True)
 
 

@@ -10,7 +10,7 @@ temp repository, starts `edgecl serve` on 127.0.0.1 in a subprocess, then measur
   - wrk, 8 connections: requests/s;
   - the server's overhead: HTTP p50 - onnxruntime p50.
 Each wrk run is bounded by --seconds; the server is stopped at the end. `--server threaded` runs
-the same request handling (edgecl.serve.protocol) in the standard library's ThreadingHTTPServer
+the same request handling (edgecl.serve.kserve) in the standard library's ThreadingHTTPServer
 with keep-alive instead: the alternative `edgecl serve`'s uvicorn + httptools was measured
 against.
 """
@@ -37,10 +37,10 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from edgecl.checkpoint import save_checkpoint
-from edgecl.config import load_config
 from edgecl.export import Exporter
 from edgecl.learners import LearnerSpec, build_learner
 from edgecl.serve.runtime import load_model
+from edgecl.setup import load_config
 
 LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -50,7 +50,7 @@ THREADED_APP = """
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from edgecl.serve.protocol import encode_response, parse_request
+from edgecl.serve.kserve import encode_response, parse_request
 from edgecl.web import RequestError
 from edgecl.serve.runtime import load_model
 

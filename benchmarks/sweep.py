@@ -23,9 +23,10 @@ from typing import Any
 
 import yaml
 
-from edgecl.bench import load_config_benchmark, run_protocol
 from edgecl.cli import use_threads
-from edgecl.config import deep_merge, load_config
+from edgecl.config import deep_merge
+from edgecl.protocol import run_protocol
+from edgecl.setup import benchmark_for, load_config
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,7 +62,7 @@ def run(config: Path, overrides: dict[str, Any], seeds: list[int], evaluate_on: 
         cfg = load_config(config, deep_merge(overrides, {
             "seed": seed, "benchmark": {"evaluate_on": evaluate_on}}))
         use_threads(cfg.threads)
-        result, _ = run_protocol(cfg, load_config_benchmark(cfg))
+        result, _ = run_protocol(cfg, benchmark_for(cfg))
         accs.append(result["acc"])
         train_s.append(result["train_s"])
     return accs, train_s

@@ -12,18 +12,42 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from edgecl.config import Config, ConfigError, load_config
+from edgecl import __version__
+from edgecl.config import Config, ConfigError
+from edgecl.registry import BENCHMARKS, LEARNERS, NEEDS_DATA_DIR
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="edgecl: on-device continual learning. Learn every task in one pass, "
-                       "forget none, serve a fast per-task model.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 LEARN_TOKEN_ENV = "EDGECL_LEARN_TOKEN"
+EMBEDDED = [name for name in BENCHMARKS if name not in NEEDS_DATA_DIR]  # data in a package
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"edgecl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print edgecl's version and exit.")] = False) -> None:
+    """edgecl: on-device continual learning. Learn every task in one pass, forget none, serve a
+    fast per-task model."""
 
 
 def plain_console(stderr: bool = False) -> Console:
     """A console that prints text as given. Rich markup is off: user text (paths, task names,
     `pip install 'edgecl[vision]'`) would otherwise lose its brackets, or fail to parse."""
     return Console(stderr=stderr, markup=False, highlight=False)
+
+
+def print_table(table: Table) -> None:
+    """`table` on stdout. On a terminal, long cells fold; elsewhere (a pipe, a file, a log) the
+    table is as wide as its cells: never cut to 80 columns, ids never shortened."""
+    out = plain_console()
+    if not out.is_terminal:  # a table no wider than its cells needs, however wide that is
+        out = Console(markup=False, highlight=False, width=1 << 16)
+    out.print(table)
 
 
 console = plain_console(stderr=True)
@@ -94,7 +118,7 @@ def _summary_table(results: list[dict[str, Any]], title: str) -> Table:
 
     table = Table(title=title)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "method" else "right")
+        table.add_column(col, justify="left" if col == "method" else "right", overflow="fold")
     for r in results:
         table.add_row(*summary_row(r))
     return table
@@ -103,11 +127,11 @@ def _summary_table(results: list[dict[str, Any]], title: str) -> Table:
 @app.command()
 def bench(
     benchmark: Annotated[str | None, typer.Option(
-        help="pmnist | rotmnist | splitmnist | mnist1d | cifar100 | file:PATH.npz "
-             "(default: the config's, else pmnist)")] = None,
+        help=f"{' | '.join(BENCHMARKS)} | file:PATH.npz (default: the config's, else "
+             f"pmnist; {', '.join(sorted(NEEDS_DATA_DIR))} read from --data-dir)")] = None,
     method: Annotated[str | None, typer.Option(
-        help="A registered method, or 'all' to compare every method (default: the config's, "
-             "else finetune)")] = None,
+        help=f"{' | '.join(LEARNERS)}, or all to compare every method (default: the "
+             "config's, else finetune)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML preset (see models/).")] = None,
     tasks: Annotated[int | None, typer.Option(help="Number of tasks.")] = None,
     samples_per_task: Annotated[int | None, typer.Option(help="Training samples per task.")] = None,
@@ -130,26 +154,19 @@ def bench(
     Writes DIR/result.json, DIR/R.png (heatmap of R) and DIR/checkpoint.pt. With --method all,
     one sub-folder per method plus DIR/comparison.md, comparison.json and comparison.png.
     """
-    from edgecl.bench import (
-        learner_spec,
-        load_config_benchmark,
-        method_configs,
-        run_protocol,
-        write_run,
-    )
     from edgecl.data import BenchmarkError
-    from edgecl.learners import check_learner
+    from edgecl.protocol import run_protocol, write_run
+    from edgecl.setup import benchmark_for, learner_spec, method_configs, new_learner
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
                                  data_dir, device, threads)
     try:
         configs = method_configs(config, overrides)
         check_device(configs[0], device is not None, config)
-        data = load_config_benchmark(configs[0])
-        for cfg in configs:
-            # max_tasks against the benchmark, the method's memory budget against max_tasks...:
-            # refused before any training
-            check_learner(learner_spec(cfg, data))
+        data = benchmark_for(configs[0])
+        # every learner built before any trains: a method's refusal (max_tasks against the
+        # benchmark, its memory budget against max_tasks...) stops the run before it starts
+        learners = [new_learner(learner_spec(cfg, data)) for cfg in configs]
     except (ConfigError, BenchmarkError) as e:
         fail(str(e))
     use_threads(configs[0].threads)
@@ -160,7 +177,7 @@ def bench(
     for cfg in configs:  # a bad --out fails now, not after the training
         _make_folder(out / cfg.method.name if many else out)
     results = []
-    for cfg in configs:
+    for cfg, learner in zip(configs, learners, strict=True):
         with progress_bar(rate=True) as bar:
             job = bar.add_task(f"{cfg.method.name} on {data.name}", total=data.n_train, rate="")
 
@@ -168,15 +185,14 @@ def bench(
                 bar.update(job, advance=n, rate=task_id)
 
             try:
-                result, learner = run_protocol(cfg, data, advance)
+                result, _ = run_protocol(cfg, data, advance, learner)
             except (ValueError, RuntimeError) as e:
                 fail(f"{cfg.method.name}: {e}", code=1)
         write_run(out / cfg.method.name if many else out, result, learner)
         results.append(result)
     if many:
         _write_comparison(out, results, data.name)
-    plain_console().print(
-        _summary_table(results, f"{data.name}: {data.source}, {len(data.tasks)} tasks"))
+    print_table(_summary_table(results, f"{data.name}: {data.source}, {len(data.tasks)} tasks"))
     say(f"results in {out}/")
 
 
@@ -229,7 +245,8 @@ def export(
              f"{', '.join(exporter.tasks) or 'none'}")
     table = Table(title=f"{checkpoint} -> {repo}")
     for col in ("task", "version", "max |Δ|", "real inputs", "sha256"):
-        table.add_column(col, justify="left" if col in ("task", "sha256") else "right")
+        table.add_column(col, justify="left" if col in ("task", "sha256") else "right",
+                         overflow="fold")
     failed = 0
     for name in task or exporter.tasks:
         try:
@@ -241,7 +258,7 @@ def export(
         v = m.verification
         table.add_row(name, str(m.version), f"{v.max_abs_diff:.1e}", str(v.real_inputs),
                       m.sha256[:12])
-    plain_console().print(table)
+    print_table(table)
     if failed:
         raise typer.Exit(1)
 
@@ -313,7 +330,7 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     serving = threading.Thread(target=server.run, args=(poll_s,), name="edgecl-serve")
     serving.start()
-    _supervise(stop, serving.is_alive, lambda: server.started)
+    systemd.supervise(stop, serving.is_alive, lambda: server.started)
     systemd.notify("STOPPING=1")
     server.shutdown()  # finishes the requests in flight
     serving.join()
@@ -361,89 +378,37 @@ def learn(
     every acknowledged sample is learned exactly once. SIGTERM / SIGINT: finish the current step,
     checkpoint, exit 0. See GET /openapi.json for the API.
     """
-    import logging
-    import signal
-    import threading
-
-    from edgecl import systemd
-    from edgecl.learn.daemon import Daemon, DaemonError
-    from edgecl.learn.http import IngestApp
-    from edgecl.learn.unixsocket import SocketSource
-    from edgecl.web import HTTPServer, ListenError
+    from edgecl.daemon.daemon import DaemonError
+    from edgecl.daemon.service import LearnService, Listeners
+    from edgecl.logs import log_json_lines
+    from edgecl.web import ListenError
 
     if mqtt and not device:
         fail("--mqtt needs --device NAME (the topic is edgecl/<device>/samples)")
-    tls = _tls(tls_cert, tls_key)
-    token = _token(token_file, LEARN_TOKEN_ENV)
+    listeners = Listeners(host, port, _token(token_file, LEARN_TOKEN_ENV), _tls(tls_cert, tls_key),
+                          socket, mqtt, device or "")
+    from edgecl.setup import load_config
+
     try:
         cfg = load_config(config)
     except ConfigError as e:
         fail(str(e))
     check_device(cfg, False, config)  # learn's --device is the MQTT name, not torch's
-    _log_json_lines()
+    log_json_lines()
     use_threads(threads or cfg.threads)
     try:
-        daemon = Daemon(cfg, state_dir, repo)
-    except (ConfigError, DaemonError) as e:
+        service = LearnService.open(cfg, state_dir, repo, listeners)
+    except (ConfigError, DaemonError, ListenError, OSError, ValueError) as e:
         fail(str(e))
-    except OSError as e:
-        fail(f"{state_dir}: cannot use the state dir ({e.strerror or e})")
-    sources: list[Any] = []
-    try:
-        server = HTTPServer(IngestApp(daemon, token), host, port, tls)
-        if socket:
-            sources.append(SocketSource(daemon, socket))
-        if mqtt:
-            from edgecl.learn.mqtt import MqttSource
-
-            sources.append(MqttSource(daemon, mqtt, device or ""))
-    except (ListenError, OSError, ValueError) as e:
-        daemon.stop()
-        fail(str(e))
-    daemon.start()
-    for source in sources:
-        source.start()
-    logging.getLogger("edgecl.learn").info(
-        "listening on %s (%s), state %s, method %s", server.url,
-        "bearer token" if token else "no token", state_dir, cfg.method.name)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    serving = threading.Thread(target=server.serve, name="edgecl-http")
-    serving.start()
-    _supervise(stop, lambda: serving.is_alive() and daemon.alive, lambda: daemon.ready)
-    systemd.notify("STOPPING=1")
-    server.shutdown()  # finishes the requests in flight
-    serving.join()
-    for source in sources:
-        source.stop()
-    daemon.stop()  # finishes the current step, checkpoints
-    if not stop.is_set():
+    if not service.run():
         fail("the learning thread stopped; see the log", code=1)
-
-
-def _supervise(stop: Any, alive: Any, ready: Any) -> None:
-    """Until `stop` is set or `alive()` turns false: tell systemd READY=1 once `ready()`, and
-    pet its watchdog (if one is set) while `alive()`."""
-    import time
-
-    from edgecl import systemd
-
-    watchdog_s = systemd.watchdog_interval_s()
-    said_ready, last_pet = False, 0.0
-    while alive() and not stop.wait(0.2):
-        if not said_ready and ready():
-            said_ready = systemd.notify("READY=1") or True
-        if watchdog_s and time.monotonic() - last_pet >= watchdog_s:
-            systemd.notify("WATCHDOG=1")
-            last_pet = time.monotonic()
 
 
 @app.command()
 def replay(
     source: Annotated[str, typer.Argument(
-        help="What to stream: embedded:NAME (pmnist, rotmnist, splitmnist, mnist1d) or "
-             "file:PATH.npz; its training samples, task by task.")],
+        help=f"What to stream: embedded:NAME ({', '.join(EMBEDDED)}) or file:PATH.npz; its "
+             "training samples, task by task.")],
     to: Annotated[str, typer.Option(help="The daemon's URL.")] = "http://127.0.0.1:8765",
     rate: Annotated[float | None, typer.Option(
         min=1, help="Samples per second at most (default: as fast as the daemon takes them).")
@@ -471,8 +436,8 @@ def replay(
     """
     import time
 
+    from edgecl.daemon.client import LearnClient, LearnError
     from edgecl.data import BenchmarkError, load_benchmark
-    from edgecl.learn.client import LearnClient, LearnError
 
     name = source.removeprefix("embedded:")
     token = _token(token_file, LEARN_TOKEN_ENV)
@@ -521,7 +486,7 @@ def status(
 ) -> None:
     """What a running `edgecl learn` knows: counts, lag, and each task's held-out accuracy."""
 
-    from edgecl.learn.client import LearnClient, LearnError
+    from edgecl.daemon.client import LearnClient, LearnError
 
     token = _token(token_file, LEARN_TOKEN_ENV)
     try:
@@ -532,7 +497,7 @@ def status(
     if as_json:
         print(json.dumps(s, indent=1))
         return
-    plain_console().print(_status_table(s))
+    print_table(_status_table(s))
 
 
 def _status_table(s: dict[str, Any]) -> Table:
@@ -544,7 +509,7 @@ def _status_table(s: dict[str, Any]) -> Table:
                         f"{s['learned']:,} learned, {s['rejected']:,} rejected, lag {j['lag']:,}")
     for col in ("task", "accepted", "held out", "acc. when learned", "acc. now", "forgetting",
                 "model version"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+        table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
     for task, t in s["tasks"].items():
         then, now = t["accuracy_when_learned"], t["accuracy"]
         forgetting = None if then is None or now is None else then - now
@@ -568,28 +533,6 @@ def _choose_tasks(all_tasks: tuple[Any, ...], spec: str | None) -> list[Any]:
             raise ValueError(f"--tasks: no task {item!r}; the source has {', '.join(names)} "
                              f"(or indices 0..{len(names) - 1})")
     return chosen
-
-
-def _log_json_lines() -> None:
-    """One JSON object per log line on stderr: what journald and log shippers parse. edgecl's
-    own loggers say INFO; libraries (the ONNX exporter's passes...) only warnings."""
-    import logging
-    from datetime import datetime, timezone
-
-    class JsonLines(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            ts = datetime.fromtimestamp(record.created, timezone.utc)
-            line = {"ts": ts.isoformat(timespec="milliseconds"),
-                    "level": record.levelname.lower(), "logger": record.name,
-                    "msg": record.getMessage()}
-            if record.exc_info:
-                line["exc"] = self.formatException(record.exc_info)
-            return json.dumps(line)
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLines())
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-    logging.getLogger("edgecl").setLevel(logging.INFO)
 
 
 def _tls(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:

@@ -2,7 +2,8 @@
 
 A config is one complete learner setup: benchmark, net, method, optimiser, memory. Every key is
 checked; an unknown key or a bad value raises `ConfigError` with one line naming the key and why.
-Method hyper-parameters are validated by the method's own `Params` model (see `edgecl.learners`).
+This module knows nothing of the methods: `edgecl.setup` completes a config with a method's
+defaults and checks its hyper-parameters against the method's own `Params`.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _unknown_key(key: str, valid: Sequence[str]) -> str:
     return f"unknown key{hint} (valid: {', '.join(valid)})"
 
 
-def _first_error(err: ValidationError, model: type[BaseModel], prefix: str = "",
+def first_error(err: ValidationError, model: type[BaseModel], prefix: str = "",
                  also_valid: Sequence[str] = ()) -> str:
     """The first error as 'key.path: message'; `model` is the one validated, `also_valid` the
     keys its parent mapping holds beside its fields (a method section's `name`)."""
@@ -200,70 +201,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _name_in(data: dict[str, Any], section: str, model: type[BaseModel]) -> Any:
+def section_name(data: dict[str, Any], section: str, model: type[BaseModel]) -> Any:
     """The `name` that `data[section]` gives, else `model`'s default name."""
     part = data.get(section)
     default = model.model_fields["name"].default
     return part.get("name", default) if isinstance(part, dict) else default
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Validate a config mapping, including the method's own hyper-parameters.
-
-    The optimiser keys the mapping leaves out come from the method's `optimizer_defaults`
-    (GEM and WSN, for example, are tuned with optimisers of their own), unless the mapping names
-    another optimiser than theirs: WSN's Adam learning rate is no default for SGD. On benchmarks
-    that need other values than pmnist's, `edgecl.learners.settings` supplies the method's and
-    optimiser's keys the mapping leaves out.
-    """
-    from edgecl.learners import learner_class, method_params  # the registry lives there
-    from edgecl.learners.settings import benchmark_settings
-
+def validate_config(data: dict[str, Any], source: str = "config") -> Config:
+    """`data` as a `Config`, or a one-line `ConfigError` naming the key. A method's own
+    hyper-parameters are checked by `edgecl.setup.build_config`, which knows the methods."""
     try:
-        defaults = learner_class(_name_in(data, "method", MethodConfig)).optimizer_defaults
-    except (KeyError, TypeError):
-        defaults = {}  # an unknown method is reported below, with the valid names
-    tuned = benchmark_settings(str(_name_in(data, "method", MethodConfig)),
-                               str(_name_in(data, "benchmark", BenchmarkConfig)))
-    defaults = {**defaults, **tuned.get("optimizer", {})}
-    method = data.get("method")
-    if tuned.get("method") and isinstance(method, dict):
-        data = {**data, "method": {**tuned["method"], **method}}
-    optimizer = data.get("optimizer", {})
-    default_name = defaults.get("name", OptimizerConfig.model_fields["name"].default)
-    if isinstance(optimizer, dict) and optimizer.get("name", default_name) == default_name:
-        data = {**data, "optimizer": {**defaults, **optimizer}}
-    try:
-        cfg = Config.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_first_error(e, Config)}") from None
-    try:
-        method_params(cfg.method)
-    except ValidationError as e:
-        params = learner_class(cfg.method.name).Params
-        raise ConfigError(f"{source}: {_first_error(e, params, 'method', ['name'])}") from None
-    except KeyError as e:
-        raise ConfigError(f"{source}: method.name: {e.args[0]}") from None
-    return cfg
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML preset (or the defaults when `path` is None) and apply CLI overrides.
-
-    Overriding the method's name with another method drops the preset's method parameters and
-    optimiser, which belong to the preset's method: the new method runs with its own defaults.
-    Likewise another benchmark drops the preset's `n_tasks` and `samples_per_task`: a preset's
-    20 x 1,000 describe its own benchmark, not a user's file.
-    """
-    data = read_yaml(path) if path else {}
-    overrides = overrides or {}
-    new_method = overrides.get("method", {}).get("name")
-    if new_method and new_method != _name_in(data, "method", MethodConfig):
-        data = {k: v for k, v in data.items() if k not in ("method", "optimizer")}
-    new_bench = overrides.get("benchmark", {}).get("name")
-    preset_bench = data.get("benchmark")
-    if (isinstance(preset_bench, dict) and new_bench
-            and new_bench != _name_in(data, "benchmark", BenchmarkConfig)):
-        counts = ("n_tasks", "samples_per_task")
-        data = {**data, "benchmark": {k: v for k, v in preset_bench.items() if k not in counts}}
-    return build_config(deep_merge(data, overrides), str(path) if path else "config")
+        raise ConfigError(f"{source}: {first_error(e, Config)}") from None

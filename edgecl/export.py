@@ -1,7 +1,7 @@
 """Per-task ONNX export: a task's dense module -> ONNX -> verified against torch -> published.
 
 `Exporter(checkpoint).export(task, repo)` writes `repo/<task>/<version>/model.onnx` and its
-`manifest.json` (see `edgecl.serve.repository`) only after onnxruntime reproduces torch on random
+`manifest.json` (see `edgecl.repository`) only after onnxruntime reproduces torch on random
 inputs and on the task's real test inputs: max abs difference <= 1e-4 and identical argmax.
 
 The graph is torch's dynamo export at opset 18 (its native opset: no version conversion) stamped
@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from edgecl import __version__
-from edgecl.bench import load_config_benchmark
 from edgecl.checkpoint import checkpoint_bytes, load_learner
 from edgecl.data import BenchmarkError, TaskData
 from edgecl.learners import LearnerSpec
 from edgecl.nets.norm import InputNorm
-from edgecl.serve.repository import (
+from edgecl.repository import (
     Manifest,
     Probe,
     TensorSpec,
@@ -43,6 +42,7 @@ from edgecl.serve.repository import (
     publish,
     sha256_of,
 )
+from edgecl.setup import benchmark_for
 
 OPSET = 18
 IR_VERSION = 8
@@ -206,7 +206,7 @@ class Exporter:
         """The checkpoint's benchmark tasks by name and a note on them, built on first use."""
         spec = self.learner.spec
         try:
-            bench = load_config_benchmark(spec.config)
+            bench = benchmark_for(spec.config)
         except (BenchmarkError, OSError) as e:
             return {}, f"random inputs only: the checkpoint's benchmark cannot be loaded ({e})"
         if bench.input_shape != spec.input_shape or bench.n_classes != spec.n_classes:

@@ -1,4 +1,4 @@
-"""What the two Python clients (`edgecl.serve.client`, `edgecl.learn.client`) share: one
+"""What the two Python clients (`edgecl.serve.client`, `edgecl.daemon.client`) share: one
 keep-alive HTTP connection from a URL, and errors that carry the server's status and message."""
 
 from __future__ import annotations

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.bench import Evaluator, learner_spec
 from edgecl.config import Config
 from edgecl.data import Benchmark
 from edgecl.learners.base import make_optimizer, resolve_device
+from edgecl.metrics import Evaluator
 from edgecl.nets import build_task_net
 from edgecl.nets.norm import InputNorm
+from edgecl.setup import learner_spec
 
 
 def joint_training(cfg: Config, bench: Benchmark, epochs: int = 5) -> dict[str, float | list]:
@@ -58,6 +59,7 @@ def joint_training(cfg: Config, bench: Benchmark, epochs: int = 5) -> dict[str, 
     net.eval()
     slots = {task.name: slot for slot, task in enumerate(bench.tasks)}
     with torch.no_grad():  # Evaluator asks only for `predict(x, task)` of what it evaluates
-        accs = Evaluator(bench, device)(SimpleNamespace(predict=lambda x, t: net(x, slots[t])))
+        test_sets = ((t.name, t.x_test, t.y_test) for t in bench.tasks)
+        accs = Evaluator(test_sets, device)(SimpleNamespace(predict=lambda x, t: net(x, slots[t])))
     return {"accs": accs.tolist(), "acc": float(np.mean(accs)), "train_s": train_s,
             "epochs": epochs}

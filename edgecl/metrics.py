@@ -2,14 +2,47 @@
 
 R is the T x T accuracy matrix: R[i, j] is the test accuracy on task j right after the learner
 observed the last sample of task i (0-based here). b[j] is the test accuracy on task j of the
-randomly initialised net, before any training.
+randomly initialised net, before any training. `Evaluator` measures those accuracies, for the
+benchmark protocol and the daemon alike.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
+
+EVAL_BATCH = 1000  # samples per forward pass when measuring accuracy
+
+
+class Predicts(Protocol):
+    predict: Callable[[torch.Tensor, str], torch.Tensor]  # (inputs, task id) -> logits
+
+
+class Evaluator:
+    """Accuracy on fixed labelled sets, one per task; the sets are moved to `device` once."""
+
+    def __init__(self, sets: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> None:
+        self.sets = [(task, x.to(device), y.to(device)) for task, x, y in sets]
+        self.seconds = 0.0  # spent in every call so far
+
+    def __call__(self, learner: Predicts) -> np.ndarray:
+        """Each set's accuracy under `learner.predict`, in the order of the sets."""
+        if not self.sets:
+            return np.zeros(0)
+        t0 = time.perf_counter()
+        correct = [  # counts stay on the device: one sync for the whole evaluation
+            sum((learner.predict(x[i:i + EVAL_BATCH], task).argmax(1) == y[i:i + EVAL_BATCH]).sum()
+                for i in range(0, len(y), EVAL_BATCH))
+            for task, x, y in self.sets]
+        accs = torch.stack(correct).cpu().numpy() / np.asarray([len(y) for _, _, y in self.sets])
+        self.seconds += time.perf_counter() - t0
+        return accs
 
 
 def _check(R: np.ndarray) -> np.ndarray:

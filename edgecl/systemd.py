@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
+from collections.abc import Callable
 
 
 def notify(state: str) -> bool:
@@ -30,3 +33,17 @@ def watchdog_interval_s() -> float | None:
     if not usec or (pid and int(pid) != os.getpid()):
         return None
     return int(usec) / 2e6
+
+
+def supervise(stop: threading.Event, alive: Callable[[], bool], ready: Callable[[], bool]
+              ) -> None:
+    """Until `stop` is set or `alive()` turns false: tell systemd READY=1 once `ready()`, and
+    pet its watchdog (if one is set) while `alive()`."""
+    watchdog_s = watchdog_interval_s()
+    said_ready, last_pet = False, 0.0
+    while alive() and not stop.wait(0.2):
+        if not said_ready and ready():
+            said_ready = notify("READY=1") or True
+        if watchdog_s and time.monotonic() - last_pet >= watchdog_s:
+            notify("WATCHDOG=1")
+            last_pet = time.monotonic()

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from edgecl.config import build_config
 from edgecl.learners import Learner, LearnerSpec, build_learner
+from edgecl.setup import build_config
 
 # The suite's nets are small: one thread each, as `edgecl bench` and `learn` run them (`threads:
 # 1`); torch's default of one per core makes them many times slower on a busy machine.

@@ -10,12 +10,12 @@ import os
 import signal
 import sys
 
+from edgecl import repository
 from edgecl.cli import app
-from edgecl.learn import journal, state
-from edgecl.serve import repository
+from edgecl.daemon import checkpoints, journal
 
 POINTS = {  # point -> (object, attribute): the function whose n-th call is the kill
-    "checkpoint-write": (state._HashingWriter, "write"),
+    "checkpoint-write": (checkpoints._HashingWriter, "write"),
     "checkpoint-truncate": (journal.Journal, "truncate"),
     "export-write": (repository, "_write_synced"),
     "export-rename": (repository, "fsync_dir"),  # after the version's rename, before the fsyncs

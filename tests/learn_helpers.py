@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,9 +12,10 @@ import numpy as np
 import orjson
 import torch
 
-from edgecl.config import Config, build_config
-from edgecl.learn.daemon import Daemon
-from edgecl.learn.http import IngestApp
+from edgecl.config import Config
+from edgecl.daemon.daemon import Daemon
+from edgecl.daemon.service import LearnService, Listeners
+from edgecl.setup import build_config
 from edgecl.web import HTTPServer
 
 CLASSES = ["walk", "run", "sit"]
@@ -49,18 +49,14 @@ def records(task: str, x: np.ndarray, y: np.ndarray) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def running(daemon: Daemon, token: str | None = None, start: bool = True
             ) -> Iterator[HTTPServer]:
-    """The daemon (its learning thread unless `start` is False) behind its HTTP app."""
-    server = HTTPServer(IngestApp(daemon, token), "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve)
-    thread.start()
-    if start:
-        daemon.start()
+    """The daemon (its learning thread unless `start` is False) behind its HTTP app on a free
+    port, assembled as `edgecl learn` assembles it."""
+    service = LearnService(daemon, Listeners(port=0, token=token))
+    service.start(learn=start)
     try:
-        yield server
+        yield service.http
     finally:
-        server.shutdown()
-        thread.join(10)
-        daemon.stop()
+        service.stop()
 
 
 def call(server: HTTPServer, method: str, path: str, body: Any = None,

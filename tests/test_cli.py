@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from rich.table import Table
 from typer.testing import CliRunner
 
-from edgecl import bench as bench_module
+from edgecl import __version__, protocol, setup
 from edgecl.checkpoint import load_learner
-from edgecl.cli import app
-from edgecl.learners import LEARNERS
+from edgecl.cli import app, print_table
+from edgecl.registry import BENCHMARKS, LEARNERS, NEEDS_DATA_DIR
 
 RESULT_KEYS = {"benchmark", "method", "seed", "n_tasks", "acc", "bwt", "fwt", "R", "b", "wall_s",
                "train_s", "samples_per_s", "footprint", "config"}
@@ -77,7 +78,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, args, mess
     def no_training(*_):
         raise AssertionError("bad input must be refused before any training")
 
-    monkeypatch.setattr(bench_module, "run_protocol", no_training)
+    monkeypatch.setattr(protocol, "run_protocol", no_training)
     r = bench("--out", str(tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args))
     assert r.exit_code == 2
     [line] = r.output.splitlines()  # one line, nothing else
@@ -107,7 +108,7 @@ def no_cuda(monkeypatch):
     def no_data(*_):
         raise AssertionError("an unusable device must be refused before the data is loaded")
 
-    monkeypatch.setattr(bench_module, "load_config_benchmark", no_data)
+    monkeypatch.setattr(setup, "benchmark_for", no_data)
 
 
 def test_bench_refuses_cuda_without_cuda_naming_the_option_or_the_config_key(tmp_path, no_cuda):
@@ -153,3 +154,29 @@ def test_help_says_the_configs_values_win_and_names_only_existing_commands():
         assert f"{option} (default: the config's, else " in r.output
     r = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
     assert "A checkpoint.pt written by `edgecl bench`." in r.output and "learn" not in r.output
+
+
+def test_version_is_the_package_version():
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output == f"edgecl {__version__}\n"
+
+
+@pytest.mark.parametrize(("command", "listed"), [
+    ("bench", [*BENCHMARKS, *LEARNERS]),
+    ("replay", [f"embedded:NAME ({', '.join(n for n in BENCHMARKS if n not in NEEDS_DATA_DIR)})"]),
+])
+def test_help_lists_what_the_registries_hold(command, listed):
+    r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "2000"})
+    assert r.exit_code == 0
+    for name in listed:
+        assert name in r.output
+
+
+def test_a_table_is_never_cut_when_the_output_is_not_a_terminal(capsys):
+    long_id = "wrist-tremor-left-hand-after-recalibration-" * 3  # wider than 80 columns
+    table = Table(title="status")
+    table.add_column("task", overflow="fold")
+    table.add_column("accuracy")
+    table.add_row(long_id, "0.875")
+    print_table(table)  # capsys: stdout is no terminal
+    assert long_id in capsys.readouterr().out

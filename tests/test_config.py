@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from edgecl.config import ConfigError, MLPConfig, ResNetConfig, load_config
+from edgecl.config import ConfigError, MLPConfig, ResNetConfig
+from edgecl.setup import load_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgecl.data import BENCHMARKS, Benchmark, BenchmarkError, load_benchmark
-from edgecl.data.common import Split, task_rng
+from edgecl.data.builders import Split, task_rng
 from edgecl.data.digits import _embedded
 from edgecl.data.mnist1d import _generated
 from edgecl.data.rotmnist import rotate

@@ -13,17 +13,16 @@ import torch
 from conftest import make_learner, task_batches
 from typer.testing import CliRunner
 
-from edgecl import export
+from edgecl import export, repository
 from edgecl.atomic import atomic_write_text
-from edgecl.bench import load_config_benchmark, run_protocol
 from edgecl.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from edgecl.cli import app
-from edgecl.config import load_config
 from edgecl.data.digits import digits
 from edgecl.data.pmnist import task_permutation
 from edgecl.export import Exporter, ExportError, VerificationError
 from edgecl.learners import LEARNERS
-from edgecl.serve import repository
+from edgecl.protocol import run_protocol
+from edgecl.setup import benchmark_for, load_config
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -114,7 +113,7 @@ def test_the_manifest_describes_the_published_graph(tmp_path):
 
 def test_a_pmnist_model_states_the_permutation_its_clients_apply(tmp_path):
     cfg = load_config(None, {"benchmark": {"n_tasks": 2, "samples_per_task": 20}, "seed": 4})
-    bench = load_config_benchmark(cfg)
+    bench = benchmark_for(cfg)
     _, learner = run_protocol(cfg, bench)
     save_checkpoint(tmp_path / "c.pt", learner)
     m = Exporter(tmp_path / "c.pt").export("task01", tmp_path / "repo")

@@ -12,8 +12,8 @@ import uuid
 from conftest import small_tmpfs
 from learn_helpers import call, records, running, stream_config, task_samples, wait_learned
 
-from edgecl.learn.daemon import Daemon
-from edgecl.learn.journal import LOST, SAMPLE, Journal
+from edgecl.daemon.daemon import Daemon
+from edgecl.daemon.journal import LOST, SAMPLE, Journal
 
 REQUESTS, PER_REQUEST = 12, 200  # 6 kB a request: rows span many pages
 

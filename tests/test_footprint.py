@@ -10,9 +10,10 @@ import torch
 from conftest import make_learner, task_batches
 from held import held_bytes
 
-from edgecl.config import ConfigError, build_config
-from edgecl.learners import LEARNERS, LearnerSpec, check_learner
+from edgecl.config import ConfigError
+from edgecl.learners import LEARNERS, LearnerSpec
 from edgecl.memory import MemoryBudgetError
+from edgecl.setup import build_config, new_learner
 
 OPTIMIZERS = {"momentum": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
               "adam": {"name": "adam", "lr": 0.01}}
@@ -95,14 +96,14 @@ def test_a_budget_too_small_for_max_tasks_is_refused_before_training():
     # 20 tasks x 24 bytes (uint8 [1, 4, 4] + label) + 8 decoded rows of 72 bytes = 1,056
     with pytest.raises(MemoryBudgetError, match=r"^memory\.budget_bytes: 1055 bytes cannot hold "
                        r"one sample per task for 20 tasks: .* a decode buffer of 8 float32 rows"):
-        check_learner(spec("gem", budget_bytes=1055, dtype="uint8"))
-    check_learner(spec("gem", budget_bytes=1056, dtype="uint8"))
+        new_learner(spec("gem", budget_bytes=1055, dtype="uint8"))
+    new_learner(spec("gem", budget_bytes=1056, dtype="uint8"))
     with pytest.raises(ConfigError, match=r"for 20 tasks"):  # the CLI's exit 2
-        check_learner(spec("ewc", budget_bytes=1000))
+        new_learner(spec("ewc", budget_bytes=1000))
 
 
-def test_check_learner_turns_a_method_refusal_into_a_config_error():
+def test_new_learner_turns_a_method_refusal_into_a_config_error():
     cfg = build_config({"device": "cpu", "net": {"name": "mlp", "hidden": [16, 16]},
                         "method": {"name": "wsn", "capacity": [0.5, 0.5, 0.5]}})
     with pytest.raises(ConfigError, match=r"^wsn: 3 capacities given for 2 maskable layers$"):
-        check_learner(LearnerSpec(cfg, (1, 4, 4), 3, "shared", 3))
+        new_learner(LearnerSpec(cfg, (1, 4, 4), 3, "shared", 3))

@@ -7,12 +7,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from learn_helpers import CLASSES, SHAPE, stream_config
 
-from edgecl.learn.schema import BINARY_TYPE, SampleError, parse_body, schema_for
-from edgecl.serve.protocol import parse_request
-from edgecl.serve.repository import TensorSpec
+from edgecl.daemon.schema import BINARY_TYPE, SampleError, parse_body
+from edgecl.repository import TensorSpec
+from edgecl.serve.kserve import parse_request
+from edgecl.setup import stream_schema
 from edgecl.web import RequestError
 
-SCHEMA = schema_for(stream_config())
+SCHEMA = stream_schema(stream_config())
 SIZE = int(np.prod(SHAPE))
 # no subnormals: a learner elsewhere in the suite turns on torch.set_flush_denormal, process-wide
 FLOATS = st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)

@@ -1,6 +1,7 @@
 """`edgecl learn`, `replay` and `status` through the command line: errors are one line and exit
 2 before anything starts; a running daemon exits 0 on SIGTERM after a checkpoint."""
 
+import json
 import re
 import signal
 import subprocess
@@ -13,10 +14,10 @@ from learn_helpers import stream_config
 from typer.testing import CliRunner
 
 from edgecl.cli import app
+from edgecl.daemon.checkpoints import CheckpointStore
+from edgecl.daemon.client import LearnClient
+from edgecl.daemon.daemon import Daemon
 from edgecl.data import load_benchmark
-from edgecl.learn.client import LearnClient
-from edgecl.learn.daemon import Daemon
-from edgecl.learn.state import CheckpointStore
 
 EDGECL = Path(sys.executable).parent / "edgecl"
 
@@ -50,6 +51,11 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path):
                    "stream.input_shape")
     one_line_error(cli("learn", "--state-dir", str(tmp_path / "s"), "--mqtt", "mqtt://x"),
                    "--device")
+    refused = tmp_path / "refused.yaml"  # a setting the method itself refuses: no traceback
+    data = stream_config().model_dump(mode="json")
+    refused.write_text(json.dumps({**data, "method": {"name": "wsn", "capacity": [0.5] * 5}}))
+    one_line_error(cli("learn", "--state-dir", str(tmp_path / "s"), "--config", str(refused)),
+                   "wsn: 5 capacities given for")
     taken = Daemon(stream_config(), tmp_path / "held")
     try:
         one_line_error(cli("learn", "--state-dir", str(tmp_path / "held")),

@@ -20,13 +20,12 @@ from conftest import free_port
 from learn_helpers import CLASSES, SHAPE, assert_same_state, task_samples
 from test_learn_mqtt import Client
 
-from edgecl.config import load_config
-from edgecl.learn.client import LearnClient, LearnError
-from edgecl.learn.journal import Chunk, Journal
-from edgecl.learn.loop import replay
-from edgecl.learn.schema import schema_for
-from edgecl.learn.state import CheckpointStore
+from edgecl.daemon.checkpoints import CheckpointStore
+from edgecl.daemon.client import LearnClient, LearnError
+from edgecl.daemon.journal import Chunk, Journal
+from edgecl.daemon.loop import replay
 from edgecl.learners import LearnerSpec, build_learner
+from edgecl.setup import load_config, stream_schema
 
 EDGECL = Path(sys.executable).parent / "edgecl"
 KILLS = 6
@@ -164,7 +163,7 @@ def assert_learned_once(state_dir: Path, config: Path, accepted: int) -> None:
     seqs = [s for c in journal for s in range(c.seq, c.last + 1)]
     assert seqs == list(range(1, len(seqs) + 1))  # nothing truncated
     cfg = load_config(config)
-    schema = schema_for(cfg)
+    schema = stream_schema(cfg)
     spec = LearnerSpec(cfg, schema.input_shape, schema.n_classes, schema.head, schema.max_tasks)
     final = CheckpointStore(state_dir / "checkpoints", 10_000).restore("cpu")
     state = final.meta["learning"]

@@ -22,8 +22,8 @@ from conftest import free_port
 from learn_helpers import CLASSES, SHAPE, task_samples
 from test_learn_crash import EDGECL, assert_learned_once
 
-from edgecl.learn.client import LearnClient, LearnError
-from edgecl.serve import repository
+from edgecl import repository
+from edgecl.daemon.client import LearnClient, LearnError
 
 SEEDS = range(int(os.environ.get("EDGECL_CRASH_SEEDS", "1")))
 HOOK = Path(__file__).with_name("crash_at.py")

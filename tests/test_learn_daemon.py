@@ -21,10 +21,10 @@ from learn_helpers import (
     wait_learned,
 )
 
-from edgecl.config import build_config
-from edgecl.learn.daemon import Daemon, DaemonError
-from edgecl.learn.schema import BINARY_TYPE
-from edgecl.learn.unixsocket import SocketSource
+from edgecl.daemon.daemon import Daemon, DaemonError
+from edgecl.daemon.schema import BINARY_TYPE
+from edgecl.daemon.unixsocket import SocketSource
+from edgecl.setup import build_config
 
 
 def post_task(server, task: str, n: int, index: int = 0):

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from learn_helpers import SHAPE, assert_same_state, stream_config, task_samples
 
-from edgecl.learn.journal import END, FLUSH, Journal
-from edgecl.learn.loop import Learning, held_out, replay
-from edgecl.learn.schema import SampleError, Samples, schema_for
+from edgecl.daemon.journal import END, FLUSH, Journal
+from edgecl.daemon.loop import Learning, held_out, replay
+from edgecl.daemon.schema import SampleError, Samples
 from edgecl.learners import LearnerSpec, build_learner
+from edgecl.setup import stream_schema
 
 CFG = stream_config()
-SCHEMA = schema_for(CFG)
+SCHEMA = stream_schema(CFG)
 
 
 def samples(task: str, n: int, seed: int = 0) -> Samples:
@@ -138,7 +139,7 @@ def test_restore_and_replay_equals_an_uninterrupted_run(journal, method):
     """Checkpoint at every batch boundary of a run, restore into a fresh learner, replay the
     rest: the final state is the uninterrupted run's, bit for bit."""
     cfg = stream_config(method)
-    s = schema_for(cfg)
+    s = stream_schema(cfg)
     spec = LearnerSpec(cfg, s.input_shape, s.n_classes, s.head, s.max_tasks)
     records = fill(journal, PLAN)
     reference = replay(build_learner(spec), s, cfg.learn, records)

@@ -20,10 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgecl.config import build_config
-from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.mqtt import MqttSource, parse_url
-from edgecl.learn.schema import BINARY_TYPE
+from edgecl.daemon.daemon import Backpressure, Daemon
+from edgecl.daemon.mqtt import MqttSource, parse_url
+from edgecl.daemon.schema import BINARY_TYPE
+from edgecl.setup import build_config
 
 TIMEOUT_S = 15.0
 

@@ -5,10 +5,11 @@ import orjson
 import pytest
 from learn_helpers import CLASSES, SHAPE, stream_config
 
-from edgecl.config import ConfigError, build_config
-from edgecl.learn.schema import BINARY_TYPE, SampleError, parse_body, schema_for
+from edgecl.config import ConfigError
+from edgecl.daemon.schema import BINARY_TYPE, SampleError, parse_body
+from edgecl.setup import build_config, stream_schema
 
-SCHEMA = schema_for(stream_config())
+SCHEMA = stream_schema(stream_config())
 
 
 def parse(obj, content_type="application/json", max_samples=100):
@@ -99,10 +100,17 @@ def test_binary_form_refusals():
 
 
 def test_schema_comes_from_the_benchmark_when_the_stream_section_is_absent():
-    schema = schema_for(build_config({"benchmark": {"name": "pmnist", "n_tasks": 3}}))
+    schema = stream_schema(build_config({"benchmark": {"name": "pmnist", "n_tasks": 3}}))
     assert schema.input_shape == (1, 28, 28) and schema.classes == tuple("0123456789")
     assert schema.head == "shared" and schema.max_tasks == 3 and schema.batch_size == 10
     with pytest.raises(ConfigError, match="distinct"):
-        schema_for(build_config({"stream": {"input_shape": [2], "classes": ["a", "a"],
+        stream_schema(build_config({"stream": {"input_shape": [2], "classes": ["a", "a"],
                                             "head": "shared", "max_tasks": 2}}))
     assert list(SCHEMA.classes) == CLASSES
+
+
+def test_the_stream_takes_the_configs_head_as_bench_does():
+    stream = {"input_shape": list(SHAPE), "classes": CLASSES, "max_tasks": 2}
+    assert stream_schema(build_config({"head": "per_task", "stream": stream})).head == "per_task"
+    both = {"head": "per_task", "stream": {**stream, "head": "shared"}}
+    assert stream_schema(build_config(both)).head == "shared"  # the stream section wins

@@ -7,7 +7,7 @@ import time
 import numpy as np
 from learn_helpers import call, records, running, stream_config, task_samples, wait_learned
 
-from edgecl.learn.daemon import Daemon
+from edgecl.daemon.daemon import Daemon
 from edgecl.serve import create_server
 from edgecl.serve.client import Client
 

@@ -9,7 +9,7 @@ from conftest import make_learner
 
 from edgecl.export import export_module
 from edgecl.nets.norm import InputNorm
-from edgecl.serve.repository import MODEL_FILE, read_manifest
+from edgecl.repository import MODEL_FILE, read_manifest
 
 SHAPE = (3, 8)  # [channels, steps]
 

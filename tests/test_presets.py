@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecl.bench import load_config_benchmark, run_protocol
-from edgecl.config import load_config
 from edgecl.learners import LEARNERS, learner_class
+from edgecl.protocol import run_protocol
+from edgecl.setup import benchmark_for, load_config
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 PRESETS = sorted(MODELS.glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_method_presets_hold_the_defaults_that_method_all_runs(method):
 def test_preset_smoke_runs(preset):
     cfg = load_config(preset, {"device": "cpu",
                                "benchmark": {"n_tasks": 2, "samples_per_task": 20}})
-    result, learner = run_protocol(cfg, load_config_benchmark(cfg))
+    result, learner = run_protocol(cfg, benchmark_for(cfg))
     R = np.asarray(result["R"])
     assert R.shape == (2, 2) and np.all((R >= 0) & (R <= 1))
     assert result["method"] == cfg.method.name

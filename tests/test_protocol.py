@@ -1,4 +1,4 @@
-"""The GEM protocol's order in `edgecl.bench.run_protocol`: b is measured before any training,
+"""The GEM protocol's order in `edgecl.protocol.run_protocol`: b is measured before any training,
 row i of R after `end_task(i)` and before any sample of task i+1 is observed.
 
 A recording learner stands in for a real one, through the real loop: it logs every call and
@@ -9,9 +9,9 @@ where each evaluation happened shows in R and b themselves.
 import pytest
 import torch
 
-from edgecl import bench as bench_module
-from edgecl.config import load_config
-from edgecl.data.core import Benchmark, TaskData
+from edgecl.data.tasks import Benchmark, TaskData
+from edgecl.protocol import run_protocol
+from edgecl.setup import load_config
 
 TASKS = ("t0", "t1", "t2")
 N_TEST, N_TRAIN, BATCH = 4, 6, 2  # 4 test samples: accuracies are quarters
@@ -69,12 +69,11 @@ class RecordingLearner:
 
 
 @pytest.fixture
-def recorded(monkeypatch):
+def recorded():
     bench = Benchmark("three", tuple(task(j) for j in range(3)), (2,), 2, "shared", "test")
     learner = RecordingLearner(bench)
-    monkeypatch.setattr(bench_module, "build_learner", lambda spec: learner)
     cfg = load_config(overrides={"device": "cpu", "benchmark": {"batch_size": BATCH}})
-    result, _ = bench_module.run_protocol(cfg, bench)
+    result, _ = run_protocol(cfg, bench, learner=learner)
     return result, learner.events
 
 

@@ -1,7 +1,7 @@
-"""The README's "Your sensor data" walkthrough, run as written, so it cannot go stale.
+"""The "Your sensor data" walkthrough (docs/sensors.md), run as written, so it cannot go stale.
 
 In a temporary folder that looks like the repository root (`.venv` and `models/` linked in),
-the section's `sh` blocks run in order as bash scripts (`-e`: a failing command fails the test;
+the page's `sh` blocks run in order as bash scripts (`-e`: a failing command fails the test;
 a run of them up to a `console` block is one script, so a server started in one block is still
 up in the next), and every `$ command` of a `console` block must exit with status 2 and print
 the lines shown under it. The server's port 8080 is replaced by a free one. At the end the
@@ -28,17 +28,14 @@ from conftest import free_port
 from edgecl.checkpoint import load_learner
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## Your sensor data"
+WALKTHROUGH = ROOT / "docs" / "sensors.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 TIMEOUT_S = 300  # generous: a busy 2-core machine; about 30 s on a quiet one
 
 
 def section_blocks() -> list[tuple[str, str]]:
-    """(language, code) of each fenced block of the section, in order."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(f"\n{HEADING}\n")
-    end = text.find("\n## ", start + 1)
-    return FENCE.findall(text[start:] if end < 0 else text[start:end])
+    """(language, code) of each fenced block of the walkthrough page, in order."""
+    return FENCE.findall(WALKTHROUGH.read_text(encoding="utf-8"))
 
 
 def steps(blocks: list[tuple[str, str]]) -> list[tuple[str, str]]:

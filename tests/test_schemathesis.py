@@ -6,7 +6,7 @@ liveness probe after every request; and the learn journal holds exactly the samp
 acknowledged, as they were sent.
 
 EDGECL_FUZZ_EXAMPLES sets the examples per operation and mode (CI: 15, about 380 requests in
-all; 300 gives about 7,000, the README's figure); run with -s to see the counts.
+all; 300 gives about 7,000, the figure in docs/reliability.md); run with -s to see the counts.
 """
 
 import os
@@ -27,9 +27,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from test_serve import exported  # noqa: F401 (a fixture)
 from test_serve import running as serving
 
-from edgecl.learn.daemon import Daemon
-from edgecl.learn.journal import SAMPLE, Journal
-from edgecl.learn.schema import parse_body
+from edgecl.daemon.daemon import Daemon
+from edgecl.daemon.journal import SAMPLE, Journal
+from edgecl.daemon.schema import parse_body
 
 EXAMPLES = int(os.environ.get("EDGECL_FUZZ_EXAMPLES", "15"))
 TOKEN = "fuzz-token"

@@ -27,12 +27,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_export import CLASSES, trained_checkpoint
 from typer.testing import CliRunner
 
+from edgecl import repository
 from edgecl.cli import app
 from edgecl.export import Exporter
-from edgecl.serve import ListenError, create_server, repository
+from edgecl.serve import ListenError, create_server
 from edgecl.serve.client import Client, ServeError
+from edgecl.serve.kserve import BINARY_HEADER
 from edgecl.serve.metrics import ServerMetrics
-from edgecl.serve.protocol import BINARY_HEADER
 from edgecl.serve.runtime import choose_providers
 
 WAIT_S = 10.0

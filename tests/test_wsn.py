@@ -11,10 +11,11 @@ from held import held_bytes
 from torch import nn
 
 from edgecl.checkpoint import load_learner, save_checkpoint
-from edgecl.config import ConfigError, build_config
+from edgecl.config import ConfigError
 from edgecl.learners import LearnerSpec
 from edgecl.learners.wsn import WSN
 from edgecl.nets.masked import MaskedLayer, MaskedTaskNet, TaskBatchNorm, top_c_mask
+from edgecl.setup import build_config
 
 NETS = {
     "mlp": ({"name": "mlp", "hidden": [16, 16]}, (1, 4, 4)),

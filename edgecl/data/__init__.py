@@ -8,27 +8,12 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from pathlib import Path
 
-from edgecl.data import cifar100, mnist1d, npzfile, pmnist, rotmnist, sensors, splitmnist
-from edgecl.data.core import Batch, Benchmark, BenchmarkError, SampleCount, TaskData
+from edgecl.data.tasks import Batch, Benchmark, BenchmarkError, SampleCount, TaskData
+from edgecl.registry import BENCHMARK_LOADERS, BENCHMARKS, resolve
 
 __all__ = ["BENCHMARKS", "Batch", "Benchmark", "BenchmarkError", "TaskData", "load_benchmark"]
-
-# (n_tasks, samples_per_task, seed, data_dir, validation) -> the benchmark
-Loader = Callable[[int | None, SampleCount, int, str | Path | None, bool], Benchmark]
-_LOADERS: dict[str, Loader] = {
-    "pmnist": pmnist.load,
-    "rotmnist": rotmnist.load,
-    "splitmnist": splitmnist.load,
-    "mnist1d": mnist1d.load,
-    "cifar100": cifar100.load,
-    "basicmotions": sensors.load_basicmotions,
-    "basicmotions-classes": sensors.load_basicmotions_classes,
-    "japanesevowels": sensors.load_japanesevowels,
-}
-BENCHMARKS: tuple[str, ...] = tuple(_LOADERS)
 
 
 def load_benchmark(name: str, *, n_tasks: int | None = None,
@@ -51,8 +36,11 @@ def load_benchmark(name: str, *, n_tasks: int | None = None,
         if validation:
             raise BenchmarkError("file: benchmarks have no validation split; write one as the "
                                  "test split of a second file (the tasks' held-out samples)")
+        from edgecl.data import npzfile
+
         return npzfile.load(name, n_tasks, samples_per_task)
-    if name not in _LOADERS:
+    if name not in BENCHMARK_LOADERS:
         raise BenchmarkError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}, "
                              "file:PATH")
-    return _LOADERS[name](n_tasks, samples_per_task, int(seed), data_dir, validation)
+    load = resolve(BENCHMARK_LOADERS[name])
+    return load(n_tasks, samples_per_task, int(seed), data_dir, validation)

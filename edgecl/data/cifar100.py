@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.data.common import (
+from edgecl.data.builders import (
     VISION_HINT,
     Split,
     class_split_benchmark,
     data_root,
     read_vision_splits,
 )
-from edgecl.data.core import Benchmark, BenchmarkError, SampleCount
+from edgecl.data.tasks import Benchmark, BenchmarkError, SampleCount
 
 _FETCH = "torchvision.datasets.CIFAR100({root!r}, download=True)"
 

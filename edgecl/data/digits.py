@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.data.common import DIGIT_CLASSES, Split, data_root, read_vision_splits
+from edgecl.data.builders import DIGIT_CLASSES, Split, data_root, read_vision_splits
 
 TRAIN_PER_CLASS = 400
 _SPLIT_SEED = 2017  # constant: the embedded train/test split is the same for every run

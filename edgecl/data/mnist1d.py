@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.data.common import DIGIT_CLASSES, Split, transformed_benchmark
-from edgecl.data.core import Benchmark, SampleCount
+from edgecl.data.builders import DIGIT_CLASSES, Split, transformed_benchmark
 from edgecl.data.pmnist import describe_permutation, permutation
+from edgecl.data.tasks import Benchmark, SampleCount
 
 
 @functools.cache

@@ -44,8 +44,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edgecl.data.common import check_count, natural_order, one_line, task_name
-from edgecl.data.core import Benchmark, BenchmarkError, TaskData
+from edgecl.data.builders import check_count, natural_order, one_line, task_name
+from edgecl.data.tasks import Benchmark, BenchmarkError, TaskData
 
 _TASK_KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name)")
 _SPLITS = ("train", "test")
@@ -181,7 +181,7 @@ def _task_id(path: Path, i: int, array: np.ndarray | None) -> str:
         return task_name(i)
     # A task id names its model folder, so the model repository's rule applies (imported here:
     # edgecl.serve loads onnxruntime, which only files that name their tasks need to pay for).
-    from edgecl.serve.repository import TASK_ID, TASK_ID_RULE
+    from edgecl.repository import TASK_ID, TASK_ID_RULE
 
     value = _string(array)
     if not value:

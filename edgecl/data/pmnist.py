@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgecl.data.common import task_rng, transformed_benchmark
-from edgecl.data.core import Benchmark, SampleCount
+from edgecl.data.builders import task_rng, transformed_benchmark
 from edgecl.data.digits import digits
+from edgecl.data.tasks import Benchmark, SampleCount
 
 
 def permutation(_task: int, _n_tasks: int, input_shape: tuple[int, ...],

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.data.common import transformed_benchmark
-from edgecl.data.core import Benchmark, SampleCount
+from edgecl.data.builders import transformed_benchmark
 from edgecl.data.digits import digits
+from edgecl.data.tasks import Benchmark, SampleCount
 
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:

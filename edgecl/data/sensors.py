@@ -49,14 +49,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgecl.data.common import (
+from edgecl.data.builders import (
     Split,
     check_count,
     class_split_benchmark,
     one_line,
     transformed_benchmark,
 )
-from edgecl.data.core import Benchmark, BenchmarkError, SampleCount
+from edgecl.data.tasks import Benchmark, BenchmarkError, SampleCount
 
 SENSORS_HINT = "pip install 'edgecl[sensors]'"
 AEON_BENCHMARKS = ("basicmotions", "basicmotions-classes", "japanesevowels")  # need aeon

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from edgecl.data.common import class_split_benchmark
-from edgecl.data.core import Benchmark, SampleCount
+from edgecl.data.builders import class_split_benchmark
 from edgecl.data.digits import digits
+from edgecl.data.tasks import Benchmark, SampleCount
 
 
 def load(n_tasks: int | None, samples_per_task: SampleCount, seed: int,

@@ -6,34 +6,19 @@ when it runs.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-
 from pydantic import BaseModel
 
-from edgecl.config import ConfigError, MethodConfig
+from edgecl.config import MethodConfig
 from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
-
-# name -> "module:Class", in the order comparisons list them.
-_REGISTRY: dict[str, str] = {
-    "finetune": "edgecl.learners.finetune:FineTune",
-    "independent": "edgecl.learners.independent:Independent",
-    "ewc": "edgecl.learners.ewc:EWC",
-    "mas": "edgecl.learners.mas:MAS",
-    "lwf": "edgecl.learners.lwf:LwF",
-    "agem": "edgecl.learners.gem:AGEM",
-    "gem": "edgecl.learners.gem:GEM",
-    "wsn": "edgecl.learners.wsn:WSN",
-}
-LEARNERS: tuple[str, ...] = tuple(_REGISTRY)
+from edgecl.registry import LEARNER_CLASSES, LEARNERS, resolve
 
 
 def learner_class(name: str) -> type[Learner]:
     try:
-        module, cls = _REGISTRY[name].split(":")
+        path = LEARNER_CLASSES[name]
     except KeyError:
         raise KeyError(f"unknown method {name!r}; valid: {', '.join(LEARNERS)}") from None
-    return getattr(importlib.import_module(module), cls)
+    return resolve(path)
 
 
 def method_params(method: MethodConfig) -> BaseModel:
@@ -45,18 +30,5 @@ def build_learner(spec: LearnerSpec) -> Learner:
     return learner_class(spec.config.method.name)(spec)
 
 
-def check_learner(spec: LearnerSpec) -> None:
-    """Build `spec`'s learner on the CPU and drop it, so that whatever the method refuses (a
-    memory budget too small for max_tasks beside its decode buffer, WSN capacities that do not
-    fit the net) is refused before any training, as a one-line ConfigError."""
-    cpu = dataclasses.replace(spec, config=spec.config.model_copy(update={"device": "cpu"}))
-    try:
-        build_learner(cpu)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"{spec.config.method.name}: {e}") from None
-
-
 __all__ = ["LEARNERS", "Footprint", "Learner", "LearnerSpec", "StepStats", "build_learner",
-           "check_learner", "learner_class", "method_params"]
+           "learner_class", "method_params"]

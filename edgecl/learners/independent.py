@@ -8,7 +8,7 @@ of the task learned before it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +41,9 @@ class TaskNets(nn.Module):
 class Independent(Learner):
     name = "independent"
     Params = IndependentParams
+    # the GEM paper's rotated-MNIST lr for "independent" (run_experiments.sh)
+    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        "rotmnist": {"optimizer": {"lr": 0.1}}}
 
     def build_net(self) -> nn.Module:
         s = self.spec

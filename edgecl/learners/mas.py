@@ -13,6 +13,8 @@ tuned on pmnist: see models/mas.yaml.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import NonNegativeFloat
 
@@ -34,6 +36,12 @@ def squared_output_norm(logits: torch.Tensor) -> torch.Tensor:
 class MAS(QuadraticPenaltyLearner):
     name = "mas"
     Params = MASParams
+    # Chosen on the validation split, seeds 0-2 (benchmarks/sweep.py --config models/mas.yaml
+    # --test --set benchmark.name rotmnist --set optimizer.lr 0.003 0.01 0.03 --set
+    # method.strength ...): over λ 0.03-3, lr 0.01 and λ 1 scored 0.627;
+    # their test ACC: 0.612 ± 0.008.
+    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
+        "rotmnist": {"optimizer": {"lr": 0.01}, "method": {"strength": 1.0}}}
 
     def importance(self, slot: int) -> torch.Tensor:
         x, _ = self.memory.get(slot)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgecl.serve.repository import Manifest
+from edgecl.repository import Manifest
 
 log = logging.getLogger("edgecl.serve")
 MODES = ("off", "warn", "reject")

@@ -2,7 +2,7 @@
 
 Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{task}[/versions/{v}][/ready],
 /metrics, /openapi.json (`edgecl.serve.openapi`); POST /v2/models/{task}[/versions/{v}]/infer
-(messages: `edgecl.serve.protocol`).
+(messages: `edgecl.serve.kserve`).
 Errors are `{"error": "..."}` with a 4xx status for anything the client got wrong; no input can
 end the server.
 
@@ -23,10 +23,10 @@ import orjson
 
 from edgecl import __version__
 from edgecl.serve.guard import RangeGuard
+from edgecl.serve.kserve import BINARY_HEADER, encode_response, metadata, parse_request
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
 from edgecl.serve.openapi import OPENAPI
-from edgecl.serve.protocol import BINARY_HEADER, encode_response, metadata, parse_request
 from edgecl.serve.runtime import LoadedModel
 from edgecl.web import (
     HTTPServer,

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from edgecl.serve import repository
+from edgecl import repository
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.runtime import LoadedModel, ModelRefused
 

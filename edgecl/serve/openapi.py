@@ -28,7 +28,7 @@ def _model_get(summary: str, body: str | None, *params: str) -> dict[str, Any]:
 
 def _infer(*params: str) -> dict[str, Any]:
     return {"post": {
-        "summary": "Logits of a batch of inputs (binary tensor data: see the README)",
+        "summary": "Logits of a batch of inputs (binary tensor data: see docs/serve.md)",
         "parameters": [_PARAMS[p] for p in params],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "$ref": "#/components/schemas/InferRequest"}}}},

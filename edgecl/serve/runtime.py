@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgecl.serve.repository import (
+from edgecl.repository import (
     MODEL_FILE,
     Manifest,
     ManifestError,

@@ -18,9 +18,8 @@ from typing import Any
 
 import orjson
 
-from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.journal import JOURNAL_RETRY_S, JournalError
-from edgecl.learn.schema import SampleError, json_records, parse_records
+from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
+from edgecl.daemon.schema import json_records, parse_records
 from edgecl.web import json_may_hold_booleans
 
 log = logging.getLogger("edgecl.learn")
@@ -37,13 +36,10 @@ def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
                                     json_may_hold_booleans(line))
             future = daemon.submit(samples)
         appended = future.result()
-    except SampleError as e:
-        daemon.reject()
-        return {"error": str(e), "status": e.status}
-    except Backpressure as e:
-        return {"error": str(e), "status": 429, "retry_after": e.retry_after_s}
-    except JournalError as e:
-        return {"error": str(e), "status": 507, "retry_after": JOURNAL_RETRY_S}
+    except ADMISSION_ERRORS as e:
+        refusal = daemon.refusal(e)
+        retry = {} if refusal.retry_after_s is None else {"retry_after": refusal.retry_after_s}
+        return {"error": refusal.message, "status": refusal.status, **retry}
     return {"first_seq": appended.first_seq, "count": appended.count}
 
 

@@ -1,6 +1,6 @@
 """A small Python client for `edgecl learn`: batching, the binary form, backpressure.
 
-    from edgecl.learn.client import LearnClient
+    from edgecl.daemon.client import LearnClient
     with LearnClient("http://127.0.0.1:8765") as client:
         client.send("site-a", x, 3)            # buffered; sent `batch` samples at a time
         client.send_many("site-a", xs, ys)     # [n, *input_shape], [n] (indices or names)
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from edgecl.daemon.schema import BINARY_TYPE
 from edgecl.httpclient import StatusError, connection, error_message
-from edgecl.learn.schema import BINARY_TYPE
 
 Label = int | str
 IDLE_S = 50.0  # the daemon closes keep-alive connections idle for 60 s: reconnect before that

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgecl.learn.schema import FLOAT32_MAX, SampleSchema
-from edgecl.serve.repository import TASK_ID
+from edgecl.daemon.schema import FLOAT32_MAX
+from edgecl.repository import TASK_ID
+from edgecl.setup import SampleSchema
 
 _TASK = {"type": "string", "pattern": f"^{TASK_ID.pattern}$"}
 _ERROR = {"description": "what is wrong", "content": {"application/json": {"schema": {

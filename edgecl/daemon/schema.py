@@ -14,15 +14,14 @@ A bad request raises `SampleError` naming the field and the problem; nothing of 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from edgecl.config import Config, ConfigError
-from edgecl.serve.repository import TASK_ID, TASK_ID_RULE
+from edgecl.repository import TASK_ID, TASK_ID_RULE
+from edgecl.setup import SampleSchema
 from edgecl.web import json_may_hold_booleans
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -39,25 +38,6 @@ class SampleError(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class SampleSchema:
-    """What one sample looks like, and the learner's limits on tasks and batches."""
-
-    input_shape: tuple[int, ...]
-    classes: tuple[str, ...]
-    head: str
-    max_tasks: int
-    batch_size: int
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.input_shape)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.classes)
-
-
 @dataclass(frozen=True, eq=False)
 class Samples:
     """Validated samples in request order: `x` float32 [n, *input_shape], `y` int64 [n]."""
@@ -68,32 +48,6 @@ class Samples:
 
     def __len__(self) -> int:
         return len(self.tasks)
-
-
-def schema_for(cfg: Config) -> SampleSchema:
-    """The config's `stream:` section, completed from its benchmark where it leaves keys out."""
-    s = cfg.stream
-    input_shape, classes, head, max_tasks = s.input_shape, s.classes, s.head, s.max_tasks
-    if input_shape is None or classes is None or head is None or max_tasks is None:
-        from edgecl.bench import load_config_benchmark
-        from edgecl.data import BenchmarkError
-
-        try:
-            bench = load_config_benchmark(cfg)
-        except BenchmarkError as e:
-            raise ConfigError(f"stream: keys left out come from the benchmark, which cannot be "
-                              f"loaded: {e}") from None
-        shared = {t.classes for t in bench.tasks}
-        bench_classes = (next(iter(shared)) if len(shared) == 1
-                         else tuple(str(k) for k in range(bench.n_classes)))
-        input_shape = input_shape or list(bench.input_shape)
-        classes = classes or list(bench_classes)
-        head = head or bench.head
-        max_tasks = max_tasks or cfg.max_tasks or len(bench.tasks)
-    if len(set(classes)) != len(classes):
-        raise ConfigError("stream.classes: class names must be distinct")
-    return SampleSchema(tuple(input_shape), tuple(classes), head, max_tasks,
-                        s.batch_size or cfg.benchmark.batch_size)
 
 
 def check_task(task: Any, where: str = "task") -> str:

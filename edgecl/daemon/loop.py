@@ -11,7 +11,6 @@ a run that never stopped. Nothing here knows about threads, files or HTTP.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +18,12 @@ import numpy as np
 import torch
 
 from edgecl.config import LearnConfig
-from edgecl.learn.journal import END, FLUSH, LOST, SAMPLE, Chunk
-from edgecl.learn.schema import SampleSchema
+from edgecl.daemon.journal import END, FLUSH, LOST, SAMPLE, Chunk
 from edgecl.learners import Learner
+from edgecl.metrics import Evaluator
+from edgecl.setup import SampleSchema
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads seqs over [0, 2^64)
-EVAL_BATCH = 1000
 
 
 def held_out(seqs: np.ndarray, share: float) -> np.ndarray:
@@ -100,8 +99,8 @@ class Learning:
     """Feeds journal chunks to a learner; holds what a checkpoint must keep besides it.
 
     `offset` is the last seq whose effect is in the learner; samples after it that do not yet
-    close a batch wait in `pending`. `on_consolidated(task)` runs after a task is consolidated
-    and evaluated (the daemon publishes its model there).
+    close a batch wait in `pending`. `take` returns the tasks a chunk consolidated (and
+    evaluated), in order: the daemon publishes their models.
     """
 
     def __init__(self, learner: Learner, schema: SampleSchema, cfg: LearnConfig,
@@ -121,7 +120,7 @@ class Learning:
         self.pending: list[Piece] = []
         self.pending_task: str | None = None
         self.pending_train = 0
-        self.on_consolidated: Callable[[str], None] | None = None
+        self._consolidated: list[str] = []  # by the chunk being taken
         if state is not None:
             self.load_state_dict(state)
 
@@ -130,8 +129,14 @@ class Learning:
         """The last seq taken (applied or pending)."""
         return self.pending[-1].last if self.pending else self.offset
 
-    def take(self, chunk: Chunk) -> None:
-        """Process the next journal chunk; seqs up to `read_seq` in it were taken before."""
+    def take(self, chunk: Chunk) -> list[str]:
+        """Process the next journal chunk (seqs up to `read_seq` in it were taken before);
+        returns the tasks it consolidated."""
+        self._consolidated = []
+        self._take(chunk)
+        return self._consolidated
+
+    def _take(self, chunk: Chunk) -> None:
         if chunk.last <= self.read_seq or chunk.seq > self.read_seq + 1:
             raise ValueError(f"chunk {chunk.seq}..{chunk.last} does not follow {self.read_seq}")
         if chunk.kind != SAMPLE:
@@ -201,26 +206,21 @@ class Learning:
         self.learned += len(held)
 
     def end(self, task: str) -> None:
-        """Consolidate `task` if it is the learner's open task; evaluate; tell the daemon."""
+        """Consolidate `task` if it is the learner's open task, and evaluate."""
         if task != self.learner.open_task:
             return
         self.learner.end_task(task)
         self.rows[task] = self.evaluate()
         if task in self.rows[task]:
             self.accuracy_learned[task] = self.rows[task][task]
-        if self.on_consolidated is not None:
-            self.on_consolidated(task)
+        self._consolidated.append(task)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy of every task the learner knows and holds samples of."""
-        accs = {}
-        for task in self.learner.task_ids:
-            x, y = self.holdout.tensors(task)
-            if not len(y):
-                continue
-            correct = sum(int((self.learner.predict(x[i:i + EVAL_BATCH], task).argmax(1).cpu()
-                               == y[i:i + EVAL_BATCH]).sum()) for i in range(0, len(y), EVAL_BATCH))
-            accs[task] = correct / len(y)
+        sets = [(task, *self.holdout.tensors(task)) for task in self.learner.task_ids]
+        sets = [(task, x, y) for task, x, y in sets if len(y)]
+        found = Evaluator(sets, self.learner.device)(self.learner)
+        accs = {task: float(acc) for (task, _, _), acc in zip(sets, found, strict=True)}
         self.accuracy_now.update(accs)
         return accs
 

@@ -22,7 +22,7 @@ import torch
 from edgecl.atomic import atomic_open_named
 from edgecl.checkpoint import checkpoint_payload, learner_from_payload, read_checkpoint
 from edgecl.learners import Learner
-from edgecl.serve.repository import sha256_of
+from edgecl.repository import sha256_of
 
 log = logging.getLogger("edgecl.learn")
 NAME = re.compile(r"ckpt-(?P<offset>\d{12})-(?P<sha256>[0-9a-f]{64})\.pt")

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,12 +24,13 @@ import torch
 
 from edgecl import __version__
 from edgecl.config import Config
-from edgecl.learn.journal import END, FLUSH, Appended, Journal
-from edgecl.learn.loop import Learning
-from edgecl.learn.schema import SampleError, Samples, SampleSchema, check_task, schema_for
-from edgecl.learn.state import CheckpointStore
-from edgecl.learners import LearnerSpec, build_learner
-from edgecl.serve.repository import sha256_of
+from edgecl.daemon.checkpoints import CheckpointStore
+from edgecl.daemon.journal import END, FLUSH, JOURNAL_RETRY_S, Appended, Journal, JournalError
+from edgecl.daemon.loop import Learning
+from edgecl.daemon.schema import SampleError, Samples, check_task
+from edgecl.learners import LearnerSpec
+from edgecl.repository import sha256_of
+from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
 
 log = logging.getLogger("edgecl.learn")
 READ_CHUNK = 64  # journal chunks (up to a request's samples each) read per query
@@ -46,6 +48,22 @@ class Backpressure(Exception):
         super().__init__(f"the learner is {lag:,} records behind the journal; retry in "
                          f"{retry_after_s:g} s")
         self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why ingest did not take a request, as every transport answers it: `status` in HTTP's
+    terms; `retry_after_s` None when the request must not be sent again as it is (4xx), else
+    the seconds to wait before sending it again (429 backpressure, 507 journal full or
+    failing)."""
+
+    status: int
+    message: str
+    retry_after_s: float | None = None
+
+
+# what admitting a request can raise: `Daemon.refusal` turns each into its answer
+ADMISSION_ERRORS = (SampleError, Backpressure, JournalError)
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -78,9 +96,8 @@ class Daemon:
 
     def __init__(self, cfg: Config, state_dir: Path, repo: Path | None = None) -> None:
         self.cfg = cfg
-        self.schema: SampleSchema = schema_for(cfg)
-        self.spec = LearnerSpec(cfg, self.schema.input_shape, self.schema.n_classes,
-                                self.schema.head, self.schema.max_tasks)
+        self.schema: SampleSchema = stream_schema(cfg)
+        self.spec = stream_learner_spec(cfg, self.schema)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
         self._lock_fd = lock_state_dir(state_dir)
@@ -101,7 +118,6 @@ class Daemon:
         except BaseException:  # a refused state dir: release the lock and the threads now
             self.stop()
             raise
-        self.learning.on_consolidated = self._consolidated
         self.replay_target = self.journal.last_seq
         self.footprint = self.learning.learner.footprint().to_dict()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
@@ -124,7 +140,7 @@ class Daemon:
             self.last_checkpoint = {"file": restored.path.name, "offset": learning.offset,
                                     "at": restored.path.stat().st_mtime, "seconds": 0.0}
             return learning
-        learning = Learning(build_learner(self.spec), self.schema, self.cfg.learn)
+        learning = Learning(new_learner(self.spec), self.schema, self.cfg.learn)
         first = self.journal.first_seq()
         if first > 1:  # every checkpoint refused and the journal before them truncated
             self.lost = first - 1
@@ -181,8 +197,17 @@ class Daemon:
             raise SampleError(f"unknown task {task!r}: no sample of it was accepted", 404)
         return self.journal.append_marker(END, task)
 
-    def reject(self) -> None:
-        self.rejected += 1
+    def refusal(self, error: Exception) -> Refusal:
+        """The answer to a request refused with one of `ADMISSION_ERRORS`; a refusal by
+        validation counts as rejected."""
+        if isinstance(error, SampleError):
+            self.rejected += 1
+            return Refusal(error.status, str(error))
+        if isinstance(error, Backpressure):
+            return Refusal(429, str(error), error.retry_after_s)
+        if isinstance(error, JournalError):
+            return Refusal(507, str(error), JOURNAL_RETRY_S)
+        raise TypeError(f"not an admission error: {error!r}") from error
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the learning thread (between steps); its result comes in the future."""
@@ -226,7 +251,8 @@ class Daemon:
             for chunk in chunks:
                 if self._stop.is_set():
                     break
-                self.learning.take(chunk)
+                for task in self.learning.take(chunk):
+                    self._consolidated(task)
             now = time.monotonic()
             if chunks:
                 last_record_s = now

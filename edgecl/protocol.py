@@ -14,59 +14,14 @@ import torch
 
 from edgecl.atomic import atomic_write_text
 from edgecl.checkpoint import save_checkpoint
-from edgecl.config import Config, ConfigError, load_config
-from edgecl.data import Benchmark, load_benchmark
-from edgecl.learners import LEARNERS, Learner, LearnerSpec, build_learner
-from edgecl.metrics import summarize
-from edgecl.nets import check_input_shape
+from edgecl.config import Config
+from edgecl.data import Benchmark
+from edgecl.learners import Learner
+from edgecl.metrics import Evaluator, summarize
 from edgecl.report import plot_accuracy_matrix
+from edgecl.setup import learner_spec, new_learner
 
-EVAL_BATCH = 1000
 Progress = Callable[[int, str], None]  # (samples just learned, task id)
-
-
-def load_config_benchmark(cfg: Config) -> Benchmark:
-    b = cfg.benchmark
-    return load_benchmark(b.name, n_tasks=b.n_tasks, samples_per_task=b.samples_per_task,
-                          seed=cfg.seed, data_dir=b.data_dir,
-                          validation=b.evaluate_on == "validation")
-
-
-def method_configs(config: Path | None, overrides: dict[str, Any]) -> list[Config]:
-    """The config of `config` + `overrides`, or with method "all" one per registered method:
-    each keeps the preset's benchmark and net, and a method other than the preset's runs with
-    its own tuned settings (see `edgecl.config.load_config`)."""
-    if overrides.get("method", {}).get("name") != "all":
-        return [load_config(config, overrides)]
-    return [load_config(config, {**overrides, "method": {"name": name}}) for name in LEARNERS]
-
-
-def learner_spec(cfg: Config, bench: Benchmark) -> LearnerSpec:
-    n_tasks = len(bench.tasks)
-    max_tasks = cfg.max_tasks or n_tasks
-    if max_tasks < n_tasks:
-        raise ConfigError(f"max_tasks: {max_tasks} is fewer than the benchmark's {n_tasks} tasks")
-    check_input_shape(cfg.net, bench.input_shape)
-    head = bench.head if cfg.head == "auto" else cfg.head
-    return LearnerSpec(cfg, bench.input_shape, bench.n_classes, head, max_tasks)
-
-
-class Evaluator:
-    """Test accuracy of every task; test sets are moved to the learner's device once."""
-
-    def __init__(self, bench: Benchmark, device: torch.device) -> None:
-        self.tasks = [(t.name, t.x_test.to(device), t.y_test.to(device)) for t in bench.tasks]
-        self.seconds = 0.0
-
-    def __call__(self, learner: Learner) -> np.ndarray:
-        t0 = time.perf_counter()
-        correct = [  # counts stay on the device: one sync for the whole evaluation
-            sum((learner.predict(x[i:i + EVAL_BATCH], name).argmax(1) == y[i:i + EVAL_BATCH]).sum()
-                for i in range(0, len(y), EVAL_BATCH))
-            for name, x, y in self.tasks]
-        accs = torch.stack(correct).cpu().numpy() / np.asarray([len(y) for _, _, y in self.tasks])
-        self.seconds += time.perf_counter() - t0
-        return accs
 
 
 def sync_device(device: torch.device) -> None:
@@ -74,19 +29,21 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_protocol(cfg: Config, bench: Benchmark, progress: Progress | None = None
-                 ) -> tuple[dict[str, Any], Learner]:
-    """Learn `bench` in one pass with the method of `cfg`; returns (result, final learner).
+def run_protocol(cfg: Config, bench: Benchmark, progress: Progress | None = None,
+                 learner: Learner | None = None) -> tuple[dict[str, Any], Learner]:
+    """Learn `bench` in one pass with the method of `cfg`, on `learner` if one was built for
+    them (`edgecl.setup.new_learner`); returns (result, final learner).
 
     Times: `wall_s` runs from the first evaluation (learner built) to the last; `train_s` is the
     time inside `observe` and `end_task` (GPU work included: the device is synchronised at the
     end of every task); `eval_s` the time computing R and b. The rest of `wall_s`, its share
     reported as `overhead_share`, is the harness: the stream's batches and the progress bar.
     """
-    learner = build_learner(learner_spec(cfg, bench))
+    if learner is None:
+        learner = new_learner(learner_spec(cfg, bench))
     for task in bench.tasks:
         learner.register_task(task.name)
-    evaluate = Evaluator(bench, learner.device)
+    evaluate = Evaluator(((t.name, t.x_test, t.y_test) for t in bench.tasks), learner.device)
     t_start = time.perf_counter()
     b = evaluate(learner)
     R = np.zeros((len(bench.tasks), len(bench.tasks)))

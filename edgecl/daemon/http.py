@@ -1,6 +1,6 @@
 """The daemon's HTTP API (`edgecl.web`'s stack): ingest, control, status, metrics, OpenAPI.
 
-POST /v1/samples             JSON, NDJSON or the binary form (`edgecl.learn.schema`) -> 202
+POST /v1/samples             JSON, NDJSON or the binary form (`edgecl.daemon.schema`) -> 202
                              {"first_seq", "count"} once durable; 429 + Retry-After when the
                              learner lags; 4xx naming the field for a bad sample
 POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happens there)
@@ -23,10 +23,9 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.journal import JOURNAL_RETRY_S, JournalError
-from edgecl.learn.openapi import openapi
-from edgecl.learn.schema import SampleError, parse_body
+from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
+from edgecl.daemon.openapi import openapi
+from edgecl.daemon.schema import SampleError, parse_body
 from edgecl.web import (
     Receive,
     RequestError,
@@ -120,19 +119,16 @@ class IngestApp:
         """Validate + journal; 202 once durable, or the 4xx/429/5xx that says why not."""
         try:
             appended = await asyncio.wrap_future(journal())
-        except SampleError as e:
+        except ADMISSION_ERRORS as e:
             raise self._refused(e) from None
-        except Backpressure as e:
-            retry = str(max(1, round(e.retry_after_s))).encode()
-            raise RequestError(429, str(e), headers=((b"retry-after", retry),)) from None
-        except JournalError as e:
-            retry = str(JOURNAL_RETRY_S).encode()
-            raise RequestError(507, str(e), headers=((b"retry-after", retry),)) from None
         return json_response(202, {"first_seq": appended.first_seq, "count": appended.count})
 
-    def _refused(self, e: SampleError) -> RequestError:
-        self.daemon.reject()
-        return RequestError(e.status, str(e))
+    def _refused(self, error: Exception) -> RequestError:
+        refusal = self.daemon.refusal(error)
+        if refusal.retry_after_s is None:
+            return RequestError(refusal.status, refusal.message)
+        retry = str(max(1, round(refusal.retry_after_s))).encode()
+        return RequestError(refusal.status, refusal.message, headers=((b"retry-after", retry),))
 
     async def _on_learner(self, fn: Callable[[], Any], status: int) -> Response:
         try:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edgecl.serve.repository import Manifest, TensorSpec
+from edgecl.repository import Manifest, TensorSpec
 from edgecl.web import RequestError, json_may_hold_booleans
 
 BINARY_HEADER = "Inference-Header-Content-Length"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.learn.schema import SampleError, Samples
+from edgecl.daemon.schema import SampleError, Samples
 
 log = logging.getLogger("edgecl.learn")
 SAMPLE, END, FLUSH, LOST = 0, 1, 2, 3

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgecl.data.core import Benchmark, BenchmarkError, SampleCount, TaskData
+from edgecl.data.tasks import Benchmark, BenchmarkError, SampleCount, TaskData
 
 DIGIT_CLASSES = tuple(str(k) for k in range(10))
 VALIDATION_EVERY = 8  # every 8th group of each class is validation: 1/8 of the training split

@@ -20,7 +20,7 @@ The QoS/ack contract (at least once):
   journaled again. Duplicates are possible then (and after a crash between the journal write
   and the PUBACK); loss is not.
 
-Payloads are any of `edgecl.learn.schema`'s forms. The content type comes from the MQTT 5
+Payloads are any of `edgecl.daemon.schema`'s forms. The content type comes from the MQTT 5
 Content Type property: `application/vnd.edgecl.samples` means the binary form, a JSON type or
 none means JSON (one sample, `{"samples": [...]}`, or NDJSON). A publisher speaking MQTT 3.1.1
 cannot set the property, so its payloads are always read as JSON.
@@ -49,9 +49,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgecl.learn.daemon import Backpressure, Daemon
-from edgecl.learn.journal import JOURNAL_RETRY_S, Appended, JournalError
-from edgecl.learn.schema import SampleError, parse_body
+from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon, Refusal
+from edgecl.daemon.journal import Appended
+from edgecl.daemon.schema import SampleError, parse_body
 
 log = logging.getLogger("edgecl.learn")
 DEFAULT_PORT = 1883
@@ -147,7 +147,7 @@ class MqttSource:
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
-        client.enable_logger(logging.getLogger("edgecl.learn.mqtt"))
+        client.enable_logger(logging.getLogger("edgecl.daemon.mqtt"))
         client.reconnect_delay_set(*RECONNECT_DELAY_S)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -232,21 +232,20 @@ class MqttSource:
             samples = parse_body(d.schema, delivery.payload, delivery.content_type,
                                  d.cfg.learn.max_request_samples)
         except SampleError as e:
-            self._reject(delivery, e)
+            self._reject(delivery, d.refusal(e))
             return
         while not self._stopping.is_set():
             try:
                 appended = self._journal(d.submit(samples))
-            except Backpressure as e:
-                log.debug("MQTT: holding message %d unacked: %s", delivery.mid, e)
-                self._stopping.wait(e.retry_after_s)
-            except SampleError as e:  # e.g. a task beyond max_tasks
-                self._reject(delivery, e)
-                return
-            except JournalError as e:
-                log.error("MQTT: message %d not journaled (%s); retrying in %g s",
-                          delivery.mid, e, JOURNAL_RETRY_S)
-                self._stopping.wait(JOURNAL_RETRY_S)
+            except ADMISSION_ERRORS as e:  # e.g. a task beyond max_tasks, backpressure
+                refusal = d.refusal(e)
+                if refusal.retry_after_s is None:
+                    self._reject(delivery, refusal)
+                    return
+                log.log(logging.ERROR if refusal.status == 507 else logging.DEBUG,
+                        "MQTT: holding message %d unacked (%s); retrying in %g s",
+                        delivery.mid, refusal.message, refusal.retry_after_s)
+                self._stopping.wait(refusal.retry_after_s)
             else:
                 if appended is not None:
                     self._ack(delivery)
@@ -277,10 +276,10 @@ class MqttSource:
         log.info("MQTT: message %d journaled but its connection is gone: the broker's "
                  "redelivery will be journaled again", delivery.mid)
 
-    def _reject(self, delivery: Delivery, error: SampleError) -> None:
-        self.daemon.reject()
-        log.warning("MQTT: rejected message %d on %s: %s", delivery.mid, delivery.topic, error)
-        report = {"error": str(error), "status": error.status, "topic": delivery.topic,
+    def _reject(self, delivery: Delivery, refusal: Refusal) -> None:
+        log.warning("MQTT: rejected message %d on %s: %s", delivery.mid, delivery.topic,
+                    refusal.message)
+        report = {"error": refusal.message, "status": refusal.status, "topic": delivery.topic,
                   "mid": delivery.mid}
         if self._client is not None:
             self._client.publish(self.rejected_topic, orjson.dumps(report), qos=1)

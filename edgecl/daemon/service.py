@@ -1,0 +1,113 @@
+"""`edgecl learn` as one object: the daemon with its ingest sources (HTTP, unix socket, MQTT),
+its signals, systemd's notifications and an orderly shutdown.
+
+The CLI parses arguments and calls `LearnService.open(...).run()`; tests and benchmarks build
+the same object, so the daemon they exercise is assembled as users run it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecl import systemd
+from edgecl.config import Config
+from edgecl.daemon.daemon import Daemon, DaemonError
+from edgecl.daemon.http import IngestApp
+from edgecl.daemon.unixsocket import SocketSource
+from edgecl.web import HTTPServer
+
+log = logging.getLogger("edgecl.learn")
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Where samples come in: HTTP always, a unix socket and an MQTT broker if named."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0: any free port
+    token: str | None = None  # the bearer token every endpoint but the probes needs
+    tls: tuple[Path, Path] | None = None  # (certificate, key) to serve HTTPS with
+    socket: Path | None = None
+    mqtt: str | None = None  # mqtt://host:port
+    mqtt_device: str = ""  # the device's name in MQTT topics
+
+
+class LearnService:
+    """A daemon behind its listeners. `start()`/`stop()` for embedding (tests, benchmarks);
+    `run()` for a process: until SIGTERM/SIGINT or the learning thread's end."""
+
+    def __init__(self, daemon: Daemon, listeners: Listeners) -> None:
+        """Bind every listener; on failure (ListenError, OSError, ValueError) the daemon is
+        stopped and the error raised."""
+        self.daemon = daemon
+        self.listeners = listeners
+        self.sources: list[Any] = []
+        try:
+            self.http = HTTPServer(IngestApp(daemon, listeners.token), listeners.host,
+                                   listeners.port, listeners.tls)
+            if listeners.socket:
+                self.sources.append(SocketSource(daemon, listeners.socket))
+            if listeners.mqtt:
+                from edgecl.daemon.mqtt import MqttSource  # paho loads only when asked for
+
+                self.sources.append(MqttSource(daemon, listeners.mqtt, listeners.mqtt_device))
+        except BaseException:
+            self.daemon.stop()
+            raise
+        self._serving = threading.Thread(target=self.http.serve, name="edgecl-http")
+        self.stop_requested = threading.Event()
+
+    @classmethod
+    def open(cls, cfg: Config, state_dir: Path, repo: Path | None,
+             listeners: Listeners) -> LearnService:
+        """The daemon of `state_dir` (restored, not yet learning) behind `listeners`; raises
+        ConfigError or DaemonError for the config and state dir, ListenError, OSError or
+        ValueError for a listener."""
+        try:
+            daemon = Daemon(cfg, state_dir, repo)
+        except OSError as e:
+            raise DaemonError(f"{state_dir}: cannot use the state dir ({e.strerror or e})"
+                              ) from None
+        return cls(daemon, listeners)
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def start(self, learn: bool = True) -> None:
+        """Learn (unless `learn` is False: ingest only) and take samples from every source."""
+        if learn:
+            self.daemon.start()
+        for source in self.sources:
+            source.start()
+        self._serving.start()
+        log.info("listening on %s (%s), state %s, method %s", self.url,
+                 "bearer token" if self.listeners.token else "no token",
+                 self.daemon.state_dir, self.daemon.cfg.method.name)
+
+    def stop(self) -> None:
+        """Finish the requests in flight, stop the sources, then the daemon (it checkpoints)."""
+        self.http.shutdown()
+        if self._serving.is_alive():
+            self._serving.join()
+        for source in self.sources:
+            source.stop()
+        self.daemon.stop()
+
+    def run(self) -> bool:
+        """Serve until SIGTERM/SIGINT (True) or until the learning or HTTP thread ends
+        (False: the log says why), telling systemd READY once the journal is replayed."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_requested.set())
+        self.start()
+        systemd.supervise(self.stop_requested,
+                          lambda: self._serving.is_alive() and self.daemon.alive,
+                          lambda: self.daemon.ready)
+        systemd.notify("STOPPING=1")
+        self.stop()
+        return self.stop_requested.is_set()

@@ -35,9 +35,9 @@ import typer.main
 import yaml
 
 from edgecl.cli import app
-from edgecl.config import load_config
-from edgecl.learn.client import LearnClient
+from edgecl.daemon.client import LearnClient
 from edgecl.serve.client import Client, ServeError
+from edgecl.setup import load_config
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
@@ -477,6 +477,20 @@ def write_inventory(path: Path, dev: Device, **hostvars) -> Path:
     return path
 
 
+def printed_table(stdout: str) -> str:
+    """The table the status playbook's "The morning table" task printed (a YAML block)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("TASK [The morning table]"))
+    block = lines[start + 1:]
+    header = next(i for i, line in enumerate(block) if line.strip().startswith("msg: |"))
+    body = []
+    for line in block[header + 1:]:
+        if line and not line.startswith(" " * 8):
+            break  # the next task's header
+        body.append(line.removeprefix(" " * 8))
+    return "\n".join(body).rstrip("\n")
+
+
 def test_status_playbook_tabulates_the_devices_own_numbers(device, tmp_path):
     prefix = tmp_path / "opt"
     (prefix / "0.1.0-0123456789ab").mkdir(parents=True)
@@ -504,8 +518,7 @@ def test_status_playbook_tabulates_the_devices_own_numbers(device, tmp_path):
     assert tasks["site-a"]["served_version"] == "1" and tasks["site-b"]["served_version"] is None
     assert tasks["site-b"]["open"] and status["open_task"] == "site-b"
     table = (tmp_path / "status.txt").read_text()
-    printed = "\n".join(line.removeprefix(" " * 8) for line in r.stdout.splitlines())
-    assert table.rstrip("\n") in printed  # the same table closes the playbook's output
+    assert printed_table(r.stdout) + "\n" == table  # byte for byte what the screen shows
     site_a = status["tasks"]["site-a"]
     row = next(line.split() for line in table.splitlines() if line.startswith("test-device")
                and "site-a" in line)
@@ -517,6 +530,8 @@ def test_status_playbook_tabulates_the_devices_own_numbers(device, tmp_path):
     assert device_row[2:8] == ["0.1.0-0123456789ab", "yes", "finetune", "52", "52", "0"]
     checkpoint = status["last_checkpoint"]
     assert device_row[8:10] == [checkpoint["file"][:26] + "~.pt", f"@{checkpoint['offset']:,}"]
+    # one instant for the whole run: the table's age is the JSON's, however slow the run was
+    assert " ".join(device_row[10:12]) == f"({load_filters()._age(dev['checkpoint_age_s'])})"
     assert "every device answers" in table
 
 

@@ -106,6 +106,8 @@ class LearnConfig(_Strict):
     max_request_samples: PositiveInt = 10_000
     max_body_mb: PositiveFloat = 32.0
     flush_idle_s: PositiveFloat = 5.0  # a partial batch waiting this long is closed (journaled)
+    # an end of task that names a count of samples waits this long for them to arrive
+    end_wait_s: PositiveFloat = 30.0
 
 
 class MethodConfig(BaseModel):

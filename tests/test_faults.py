@@ -95,11 +95,12 @@ def test_a_bit_flipped_journal_record_becomes_a_lost_gap_and_the_rest_is_kept(tm
 
 def fill(folder) -> None:
     """Write a file in `folder` until its filesystem is full."""
-    with (folder / f"filler-{uuid.uuid4().hex}").open("wb") as f:
+    # unbuffered: a buffered file keeps the bytes a full disk refused, and raises ENOSPC again
+    # when it is closed, outside this loop (how this test failed now and then)
+    with (folder / f"filler-{uuid.uuid4().hex}").open("wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * (64 << 10))
-                f.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC
 

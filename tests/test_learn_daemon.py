@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
@@ -22,6 +23,7 @@ from learn_helpers import (
 )
 
 from edgecl.daemon.daemon import Daemon, DaemonError
+from edgecl.daemon.journal import END
 from edgecl.daemon.schema import BINARY_TYPE
 from edgecl.daemon.unixsocket import SocketSource
 from edgecl.setup import build_config
@@ -237,3 +239,56 @@ def test_a_full_disk_is_a_507_that_accepts_nothing_and_passes(tmp_path):
                                 {"Content-Type": BINARY_TYPE})
             assert status == 202 and daemon.status()["accepted"] == accepted + 50
             wait_learned(daemon, accepted + 50 - 10)
+
+
+def ends_in_journal(daemon: Daemon) -> list[tuple[int, str]]:
+    return [(c.seq, c.task) for c in daemon.journal.read(0, 10_000) if c.kind == END]
+
+
+def test_an_end_waits_for_the_samples_its_sender_had_acknowledged(tmp_path):
+    """The race of an end sent over one transport right after samples sent over another: the
+    end names the count, and is journaled only once that many samples of the task are in."""
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server, ThreadPoolExecutor(1) as pool:
+        post_task(server, "site-a", 20)
+        end = pool.submit(call, server, "POST", "/v1/tasks/site-a/end", {"samples": 60})
+        time.sleep(0.3)  # the end is in first; it may not overtake what follows (not a timing
+        assert not end.done()  # assert: with no samples to come it never answers, see below)
+        post_task(server, "site-a", 40, index=1)
+        status, ack, _ = end.result(timeout=30)
+        assert status == 202 and ack == {"first_seq": 61, "count": 1}
+        wait_learned(daemon, 60)
+        assert ends_in_journal(daemon) == [(61, "site-a")]
+        assert "site-a" in daemon.learning.rows  # consolidated, after all 60 samples
+        assert daemon.status()["tasks"]["site-a"]["accepted"] == 60
+
+
+def test_an_end_repeated_is_answered_without_a_second_end_or_consolidation(tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server:
+        post_task(server, "site-a", 30)
+        first = call(server, "POST", "/v1/tasks/site-a/end", {"samples": 30})[1]
+        again = call(server, "POST", "/v1/tasks/site-a/end", {"samples": 30})[1]
+        bare = call(server, "POST", "/v1/samples", {"end_task": "site-a"})[1]
+        assert first == {"first_seq": 31, "count": 1}
+        assert again == bare == {"first_seq": 31, "count": 1, "duplicate": True}
+        post_task(server, "site-a", 10, index=1)  # the task goes on: a new end is a new one
+        later = call(server, "POST", "/v1/tasks/site-a/end", {"samples": 40})[1]
+        assert later == {"first_seq": 42, "count": 1}
+        wait_learned(daemon, 40)
+        assert ends_in_journal(daemon) == [(31, "site-a"), (42, "site-a")]
+
+
+def test_an_end_whose_samples_never_come_is_refused_in_time_and_journals_nothing(tmp_path):
+    daemon = Daemon(stream_config(end_wait_s=0.5), tmp_path / "state")
+    with running(daemon) as server:
+        post_task(server, "site-a", 10)
+        status, body, _ = call(server, "POST", "/v1/tasks/site-a/end", {"samples": 25})
+        assert status == 409 and "10 of the 25 samples" in body["error"]
+        status, body, _ = call(server, "POST", "/v1/tasks/nope/end")
+        assert status == 404 and "unknown task 'nope'" in body["error"]
+        for bad in ({"samples": -1}, {"samples": "all"}, {"count": 3}, [1]):
+            status, body, _ = call(server, "POST", "/v1/tasks/site-a/end", bad)
+            assert (status == 400 and "end of task" in body["error"]) or "samples" in body["error"]
+        assert ends_in_journal(daemon) == []
+        assert daemon.status()["rejected"] == 6

@@ -4,7 +4,7 @@
     with LearnClient("http://127.0.0.1:8765") as client:
         client.send("site-a", x, 3)            # buffered; sent `batch` samples at a time
         client.send_many("site-a", xs, ys)     # [n, *input_shape], [n] (indices or names)
-        client.end_task("site-a")              # flushes, then journals the end of the task
+        client.end_task("site-a")              # flushes; ends the task after what it sent
         client.status()
 
 Samples go out in the order they were given (a task switch flushes the buffer), as the binary
@@ -44,6 +44,7 @@ class LearnClient:
         self._y: list[Label] = []
         self._last_used = time.monotonic()
         self.sent = 0  # samples acknowledged
+        self.acknowledged: dict[str, int] = {}  # per task
         self.retries = 0  # requests sent again after a 429
 
     def send(self, task: str, x: Any, y: Label) -> None:
@@ -80,11 +81,16 @@ class LearnClient:
             content_type = "application/json"
         ack = self._request("POST", "/v1/samples", body, content_type)
         self.sent += ack["count"]
+        self.acknowledged[task] = self.acknowledged.get(task, 0) + ack["count"]
 
-    def end_task(self, task: str) -> dict[str, Any]:
-        """Flush, then journal the end of `task` (the daemon consolidates it there)."""
+    def end_task(self, task: str, samples: int | None = None) -> dict[str, Any]:
+        """Flush, then end `task` (the daemon consolidates it there) once `samples` of its
+        samples have arrived: by default those this client had acknowledged; pass the count
+        when some were sent another way (MQTT, the socket, another client). The answer says
+        `duplicate` when the task had ended already with nothing sent since."""
         self.flush()
-        return self._request("POST", f"/v1/tasks/{task}/end")
+        count = self.acknowledged.get(task, 0) if samples is None else samples
+        return self._request("POST", f"/v1/tasks/{task}/end", orjson.dumps({"samples": count}))
 
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/v1/status")

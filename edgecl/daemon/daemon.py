@@ -25,9 +25,9 @@ import torch
 from edgecl import __version__
 from edgecl.config import Config
 from edgecl.daemon.checkpoints import CheckpointStore
-from edgecl.daemon.journal import END, FLUSH, JOURNAL_RETRY_S, Appended, Journal, JournalError
+from edgecl.daemon.journal import FLUSH, JOURNAL_RETRY_S, Appended, Journal, JournalError
 from edgecl.daemon.loop import Learning
-from edgecl.daemon.schema import SampleError, Samples, check_task
+from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
 from edgecl.learners import LearnerSpec
 from edgecl.repository import sha256_of
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
@@ -187,15 +187,18 @@ class Daemon:
         if lag > self.cfg.learn.max_lag:
             raise Backpressure(lag, 1.0)
 
-    def submit(self, samples: Samples) -> Future[Appended]:
-        """Journal validated samples; the future resolves once they are durable."""
-        self.check_backpressure()
-        return self.journal.append(samples)
+    def parse(self, body: bytes, content_type: str) -> Samples | EndTask:
+        """A request body of any transport, validated: samples or an end of task."""
+        return parse_body(self.schema, body, content_type, self.cfg.learn.max_request_samples)
 
-    def end_task(self, task: str) -> Future[Appended]:
-        if check_task(task) not in self.journal.accepted:
-            raise SampleError(f"unknown task {task!r}: no sample of it was accepted", 404)
-        return self.journal.append_marker(END, task)
+    def submit(self, message: Samples | EndTask) -> Future[Appended]:
+        """Journal validated samples (unless the learner lags: Backpressure) or an end of task;
+        the future resolves once it is durable. Every transport admits requests this way."""
+        if isinstance(message, EndTask):
+            return self.journal.append_end(message.task, message.samples,
+                                           self.cfg.learn.end_wait_s)
+        self.check_backpressure()
+        return self.journal.append(message)
 
     def refusal(self, error: Exception) -> Refusal:
         """The answer to a request refused with one of `ADMISSION_ERRORS`; a refusal by

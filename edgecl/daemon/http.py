@@ -2,8 +2,11 @@
 
 POST /v1/samples             JSON, NDJSON or the binary form (`edgecl.daemon.schema`) -> 202
                              {"first_seq", "count"} once durable; 429 + Retry-After when the
-                             learner lags; 4xx naming the field for a bad sample
-POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happens there)
+                             learner lags; 4xx naming the field for a bad sample. An end of
+                             task (`{"end_task", "samples"}`) is taken here too
+POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happens there), with
+                             `{"samples": n}` once n samples of the task are in; 202
+                             {"first_seq", "count", "duplicate"}
 POST /v1/tasks/{task}/export export the task's model now (needs --repo)
 POST /v1/checkpoint          checkpoint now;  POST /v1/evaluate: held-out accuracy now
 GET  /v1/status, /healthz, /readyz, /metrics, /openapi.json
@@ -25,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
 from edgecl.daemon.openapi import openapi
-from edgecl.daemon.schema import SampleError, parse_body
+from edgecl.daemon.schema import SampleError, end_body
 from edgecl.web import (
     Receive,
     RequestError,
@@ -97,15 +100,18 @@ class IngestApp:
             body = await read_body(headers, receive, self.max_body_bytes)
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             try:
-                samples = await off_loop(body, lambda: parse_body(
-                    d.schema, body, content_type, d.cfg.learn.max_request_samples))
+                message = await off_loop(body, lambda: d.parse(body, content_type))
             except SampleError as e:
                 raise self._refused(e) from None
-            return await self._accept(lambda: d.submit(samples))
-        await read_body(headers, receive, 1 << 16)  # control bodies are ignored
+            return await self._accept(lambda: d.submit(message))
+        body = await read_body(headers, receive, 1 << 16)
         url = TASK_URL.fullmatch(path)
         if url and url["action"] == "end":
-            return await self._accept(lambda: d.end_task(url["task"]))
+            try:
+                end = end_body(url["task"], body)
+            except SampleError as e:
+                raise self._refused(e) from None
+            return await self._accept(lambda: d.submit(end))
         if url:
             return await self._on_learner(lambda: d.export(url["task"]) or
                                           {"queued": url["task"]}, 202)
@@ -121,7 +127,7 @@ class IngestApp:
             appended = await asyncio.wrap_future(journal())
         except ADMISSION_ERRORS as e:
             raise self._refused(e) from None
-        return json_response(202, {"first_seq": appended.first_seq, "count": appended.count})
+        return json_response(202, appended.answer())
 
     def _refused(self, error: Exception) -> RequestError:
         refusal = self.daemon.refusal(error)

@@ -10,7 +10,10 @@ disk. A torn write at a power cut is SQLite's to recover: a WAL commit that did 
 discarded whole when the database is opened.
 
 Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch,
-LOST stands for `count` records that storage damage destroyed.
+LOST stands for `count` records that storage damage destroyed. An end that says how many of the
+task's samples its sender had acknowledged waits, in the writer, until that many have been
+journaled (from any transport), so it can never overtake them; an end repeated with no sample of
+the task journaled since the last one is answered with that one's seq, journaling nothing.
 
 Damage: each row carries a CRC-32 of its fields, checked on every read. At open, SQLite's
 `quick_check` and every row's CRC are checked; a damaged journal is renamed `*.corrupt-<time>`,
@@ -31,7 +34,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +51,10 @@ CREATE TABLE IF NOT EXISTS chunks (
     task TEXT NOT NULL, y BLOB, x BLOB, crc INTEGER);
 CREATE TABLE IF NOT EXISTS tasks (name TEXT PRIMARY KEY, accepted INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ends (task TEXT PRIMARY KEY, seq INTEGER NOT NULL,
+                                 accepted INTEGER NOT NULL);
 """
+END_POLL_S = 0.1  # how often the writer looks at waiting ends while nothing else arrives
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,11 +78,28 @@ class Chunk:
 class Appended:
     first_seq: int
     count: int
+    duplicate: bool = False  # an end already journaled, answered again: nothing new was
+
+    def answer(self) -> dict[str, int | bool]:
+        """What ingest answers on every transport."""
+        answer: dict[str, int | bool] = {"first_seq": self.first_seq, "count": self.count}
+        return {**answer, "duplicate": True} if self.duplicate else answer
+
+
+@dataclass(frozen=True)
+class LastEnd:
+    """A task's latest END marker and how many of its samples had been journaled then."""
+
+    seq: int
+    accepted: int
 
 
 class _Append:
-    def __init__(self, kind: int, samples: Samples | None, task: str | None) -> None:
+    def __init__(self, kind: int, samples: Samples | None, task: str | None,
+                 expected: int | None = None, wait_s: float = 0.0) -> None:
         self.kind, self.samples, self.task = kind, samples, task
+        self.expected = expected  # an END: the task's samples to journal first
+        self.deadline = time.monotonic() + wait_s
         self.future: Future[Appended] = Future()
 
 
@@ -127,6 +150,9 @@ class Journal:
         row = self._writer_db.execute("SELECT max(count) FROM chunks").fetchone()
         self.max_chunk = max(1, row[0] or 1)  # the longest chunk kept: bounds read queries
         self.accepted = dict(self._writer_db.execute("SELECT name, accepted FROM tasks"))
+        self.ended = {task: LastEnd(seq, n) for task, seq, n
+                      in self._writer_db.execute("SELECT task, seq, accepted FROM ends")}
+        self._waiting: list[_Append] = []  # ends waiting for their samples (writer thread)
         self._queue: queue.Queue[_Append | None] = queue.Queue()
         self._thread = threading.Thread(target=self._write_loop, name="edgecl-journal",
                                         daemon=True)
@@ -141,12 +167,26 @@ class Journal:
     def append_marker(self, kind: int, task: str) -> Future[Appended]:
         return self._submit(_Append(kind, None, task))
 
+    def append_end(self, task: str, expected: int | None, wait_s: float) -> Future[Appended]:
+        """Journal the end of `task` once `expected` of its samples (all it ever had, None: no
+        condition) are journaled, waiting for them at most `wait_s` (then SampleError 409).
+        An unknown task with nothing to wait for: SampleError 404. A repeated end (no sample
+        of the task since the last) resolves to the last one's seq, `duplicate` set."""
+        return self._submit(_Append(END, None, task, expected, wait_s))
+
     def _submit(self, item: _Append) -> Future[Appended]:
         self._queue.put(item)
         return item.future
 
     def _write_loop(self) -> None:
-        while (first := self._queue.get()) is not None:
+        while True:
+            try:
+                first = self._queue.get(timeout=END_POLL_S if self._waiting else None)
+            except queue.Empty:
+                self._commit([])  # nothing arrived: expire the ends that waited too long
+                continue
+            if first is None:
+                break
             group = [first]
             while len(group) < GROUP_MAX:
                 try:
@@ -161,28 +201,71 @@ class Journal:
         self._writer_db.close()
 
     def _commit(self, group: list[_Append]) -> None:
-        seq, accepted = self._last_seq, dict(self.accepted)
-        rows, results = [], []
+        state = _Pending(self._last_seq, dict(self.accepted), dict(self.ended))
         for item in group:
             try:
-                new_rows, counts = self._rows(item, seq, accepted)
+                if item.kind == END:
+                    self._end(item, state)
+                else:
+                    new_rows, counts = self._rows(item, state.seq, state.accepted)
+                    for task, n in counts.items():
+                        state.accepted[task] = state.accepted.get(task, 0) + n
+                    state.add(item, new_rows)
             except SampleError as e:
-                results.append(e)
-                continue
-            for task, n in counts.items():
-                accepted[task] = accepted.get(task, 0) + n
-            count = sum(row[1] for row in new_rows)
-            results.append(Appended(seq + 1, count))
-            rows.extend(new_rows)
-            seq += count
+                state.done.append((item, e))
+        self._settle_waiting(state)
+        if state.rows:
+            self._write(state)
+        for item, result in state.done:
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _end(self, item: _Append, state: _Pending) -> None:
+        """Journal an END now, answer it as a duplicate, or let it wait for its samples."""
+        task, have = item.task or "", state.accepted.get(item.task or "", 0)
+        last = state.ended.get(task)
+        if last is not None and last.accepted == have and (item.expected or 0) <= have:
+            state.done.append((item, Appended(last.seq, 1, duplicate=True)))
+        elif item.expected is not None and have < item.expected:
+            self._waiting.append(item)
+        elif task not in state.accepted:
+            raise SampleError(f"unknown task {task!r}: no sample of it was accepted", 404)
+        else:
+            state.add_end(item)
+
+    def _settle_waiting(self, state: _Pending) -> None:
+        """Journal the waiting ends whose samples are all in; refuse those out of time."""
+        now, still = time.monotonic(), []
+        for item in self._waiting:
+            have = state.accepted.get(item.task or "", 0)
+            if have >= (item.expected or 0):
+                self._end(item, state)
+            elif now >= item.deadline:
+                state.done.append((item, SampleError(
+                    f"end of {item.task!r}: {have:,} of the {item.expected:,} samples its sender "
+                    "had acknowledged were journaled in time; the end was not: send the missing "
+                    "ones and end the task again", 409)))
+            else:
+                still.append(item)
+        self._waiting = still
+
+    def _write(self, state: _Pending) -> None:
+        """Commit `state`'s rows; on a storage error, every append in it is refused."""
         try:
             db = self._writer_db
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(f"INSERT INTO chunks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(f"INSERT INTO chunks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           state.rows)
             db.executemany("INSERT INTO tasks (name, accepted) VALUES (?, ?) ON CONFLICT(name) "
-                           "DO UPDATE SET accepted = excluded.accepted", accepted.items())
+                           "DO UPDATE SET accepted = excluded.accepted", state.accepted.items())
+            db.executemany("INSERT INTO ends (task, seq, accepted) VALUES (?, ?, ?) "
+                           "ON CONFLICT(task) DO UPDATE SET seq = excluded.seq, "
+                           "accepted = excluded.accepted",
+                           [(t, e.seq, e.accepted) for t, e in state.ended.items()])
             db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) ON CONFLICT(key) "
-                       "DO UPDATE SET value = excluded.value", (seq,))
+                       "DO UPDATE SET value = excluded.value", (state.seq,))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             log.error("journal write failed: %s", e)
@@ -191,27 +274,23 @@ class Journal:
             if self._writer_db.in_transaction:
                 self._writer_db.execute("ROLLBACK")
             refused = JournalError(f"the journal cannot be written ({e}); nothing was accepted")
-            results = [refused if isinstance(r, Appended) else r for r in results]
-        else:
-            if self.last_error is not None:
-                log.warning("the journal is writable again after %d failed commit(s)",
-                            self.failures)
-                self.last_error = None
-            with self._lock:
-                self._last_seq, self.accepted = seq, accepted
-                self.max_chunk = max([self.max_chunk, *(row[1] for row in rows)])
-                self._lock.notify_all()
-        for item, result in zip(group, results, strict=True):
-            if isinstance(result, Exception):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
+            state.done = [(item, refused if isinstance(r, Appended) and not r.duplicate else r)
+                          for item, r in state.done]
+            return
+        if self.last_error is not None:
+            log.warning("the journal is writable again after %d failed commit(s)",
+                        self.failures)
+            self.last_error = None
+        with self._lock:
+            self._last_seq, self.accepted, self.ended = state.seq, state.accepted, state.ended
+            self.max_chunk = max([self.max_chunk, *(row[1] for row in state.rows)])
+            self._lock.notify_all()
 
     def _rows(self, item: _Append, seq: int, accepted: dict[str, int]
               ) -> tuple[list[tuple], dict[str, int]]:
         """The item's rows from seq + 1 on: one per run of one task's samples, or the marker."""
         if item.samples is None:
-            return [_row(seq + 1, 1, item.kind, item.task)], {}
+            return [_row(seq + 1, 1, item.kind, item.task or "")], {}
         s = item.samples
         counts: dict[str, int] = {}
         for task in s.tasks:
@@ -280,6 +359,28 @@ class Journal:
         self._queue.put(None)
         self._thread.join()
         self._reader_db.close()
+
+
+@dataclass
+class _Pending:
+    """One commit in the making: the rows, counts and answers it will make durable."""
+
+    seq: int
+    accepted: dict[str, int]
+    ended: dict[str, LastEnd]
+    rows: list[tuple] = field(default_factory=list)
+    done: list[tuple[_Append, Appended | Exception]] = field(default_factory=list)
+
+    def add(self, item: _Append, rows: list[tuple]) -> None:
+        count = sum(row[1] for row in rows)
+        self.done.append((item, Appended(self.seq + 1, count)))
+        self.rows.extend(rows)
+        self.seq += count
+
+    def add_end(self, item: _Append) -> None:
+        task = item.task or ""
+        self.add(item, [_row(self.seq + 1, 1, END, task)])
+        self.ended[task] = LastEnd(self.seq, self.accepted.get(task, 0))
 
 
 def _runs(tasks: list[str]) -> list[tuple[int, int]]:

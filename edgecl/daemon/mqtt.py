@@ -23,7 +23,11 @@ The QoS/ack contract (at least once):
 Payloads are any of `edgecl.daemon.schema`'s forms. The content type comes from the MQTT 5
 Content Type property: `application/vnd.edgecl.samples` means the binary form, a JSON type or
 none means JSON (one sample, `{"samples": [...]}`, or NDJSON). A publisher speaking MQTT 3.1.1
-cannot set the property, so its payloads are always read as JSON.
+cannot set the property, so its payloads are always read as JSON. An end of task is a JSON
+message on the same topic, `{"end_task": "site-a", "samples": 240}` (`samples`: how many of the
+task's samples the publisher had acknowledged, on any transport, before it sent the end; see
+`edgecl.daemon.schema`): it follows the task's samples published before it on this topic, and
+waits in the journal for those sent another way.
 
 paho's network thread only queues deliveries; one worker thread validates, journals, waits for
 durability and acks (paho's `ack` and `publish` queue a packet and wake the network thread:
@@ -51,7 +55,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon, Refusal
 from edgecl.daemon.journal import Appended
-from edgecl.daemon.schema import SampleError, parse_body
+from edgecl.daemon.schema import SampleError
 
 log = logging.getLogger("edgecl.learn")
 DEFAULT_PORT = 1883
@@ -229,14 +233,13 @@ class MqttSource:
     def _handle(self, delivery: Delivery) -> None:
         d = self.daemon
         try:
-            samples = parse_body(d.schema, delivery.payload, delivery.content_type,
-                                 d.cfg.learn.max_request_samples)
+            message = d.parse(delivery.payload, delivery.content_type)
         except SampleError as e:
             self._reject(delivery, d.refusal(e))
             return
         while not self._stopping.is_set():
             try:
-                appended = self._journal(d.submit(samples))
+                appended = self._journal(d.submit(message))
             except ADMISSION_ERRORS as e:  # e.g. a task beyond max_tasks, backpressure
                 refusal = d.refusal(e)
                 if refusal.retry_after_s is None:

@@ -9,6 +9,11 @@ one sample, `{"samples": [...]}`, NDJSON (one sample per line), or the binary fo
 one JSON header line, then `len(y)` rows of the input's values as `float32`, or as `uint8`
 multiplied by the header's `"scale"` (e.g. 1/255 for pixels sent as bytes).
 A bad request raises `SampleError` naming the field and the problem; nothing of it is accepted.
+
+An end of task travels the same way on every transport: `{"end_task": "site-a", "samples": 240}`
+(HTTP also takes it as POST /v1/tasks/site-a/end with `{"samples": 240}`). `samples`, optional,
+is how many samples of the task the sender had acknowledged before sending the end: the end is
+journaled once that many have arrived, whatever transport carries them (see `Journal.append_end`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ class SampleError(ValueError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class EndTask:
+    """The end of `task`, to apply after `samples` of its samples have arrived (None: after what
+    has arrived when the end does)."""
+
+    task: str
+    samples: int | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class Samples:
     """Validated samples in request order: `x` float32 [n, *input_shape], `y` int64 [n]."""
@@ -57,15 +71,40 @@ def check_task(task: Any, where: str = "task") -> str:
 
 
 def parse_body(schema: SampleSchema, body: bytes, content_type: str,
-               max_samples: int) -> Samples:
-    """Decode and validate a request body of any supported content type."""
+               max_samples: int) -> Samples | EndTask:
+    """Decode and validate a request body of any supported content type: samples, or an end
+    of task."""
     kind = content_type.split(";")[0].strip().lower()
     if kind == BINARY_TYPE:
         return parse_binary(schema, body, max_samples)
     if kind and kind not in JSON_TYPES:
         raise SampleError(f"Content-Type {kind!r} not supported; use one of "
                           f"{', '.join((*JSON_TYPES, BINARY_TYPE))}", 415)
-    return parse_records(schema, json_records(body), max_samples, json_may_hold_booleans(body))
+    records = json_records(body)
+    if len(records) == 1 and isinstance(records[0], dict) and "end_task" in records[0]:
+        return end_record(records[0])
+    return parse_records(schema, records, max_samples, json_may_hold_booleans(body))
+
+
+def end_body(task: str, body: bytes) -> EndTask:
+    """The body of POST /v1/tasks/{task}/end: none, or `{"samples": n}`."""
+    return end_record(_json(body, "body") if body.strip() else {}, task)
+
+
+def end_record(record: Any, task: str | None = None) -> EndTask:
+    """`{"end_task": task, "samples": n}` (`samples` optional); with `task` given (the HTTP
+    path names it), `{"samples": n}` or `{}`."""
+    keys = {"samples"} if task is not None else {"end_task", "samples"}
+    if (not isinstance(record, dict) or not set(record) <= keys
+            or (task is None and "end_task" not in record)):
+        form = '{"samples": n}' if task is not None else '{"end_task": task, "samples": n}'
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise SampleError(f"an end of task is {form}, samples optional; got {got}")
+    samples = record.get("samples")
+    if samples is not None and (type(samples) is not int or samples < 0):
+        raise SampleError(f"samples: {samples!r} is not a count of samples (an integer >= 0)")
+    return EndTask(check_task(record["end_task"] if task is None else task, "end_task"),
+                   samples)
 
 
 def json_records(body: bytes) -> list[Any]:

@@ -1,9 +1,10 @@
 """A unix domain socket (mode 0600) speaking NDJSON, for a sensor process on the same device.
 
-Each line is a sample, a batch `{"samples": [...]}`, or `{"end_task": "<task>"}`. Each line gets
-one answer line once it is durable: `{"first_seq": N, "count": k}`, or `{"error": "...",
-"status": 400}` naming the problem, or `{"error": "...", "status": 429, "retry_after": s}` when
-the learner lags (send the line again after `s` seconds; nothing of it was accepted).
+Each line is a sample, a batch `{"samples": [...]}`, or an end `{"end_task": "<task>"}` (with
+`"samples": n`, see `edgecl.daemon.schema`). Each line gets one answer line once it is durable:
+`{"first_seq": N, "count": k}`, or `{"error": "...", "status": 400}` naming the problem, or
+`{"error": "...", "status": 429, "retry_after": s}` when the learner lags (send the line again
+after `s` seconds; nothing of it was accepted).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from typing import Any
 import orjson
 
 from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
-from edgecl.daemon.schema import json_records, parse_records
-from edgecl.web import json_may_hold_booleans
 
 log = logging.getLogger("edgecl.learn")
 
@@ -28,19 +27,12 @@ log = logging.getLogger("edgecl.learn")
 def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
     """Validate and journal one NDJSON line; the answer line's content."""
     try:
-        records = json_records(line)
-        if len(records) == 1 and isinstance(records[0], dict) and set(records[0]) == {"end_task"}:
-            future = daemon.end_task(records[0]["end_task"])
-        else:
-            samples = parse_records(daemon.schema, records, daemon.cfg.learn.max_request_samples,
-                                    json_may_hold_booleans(line))
-            future = daemon.submit(samples)
-        appended = future.result()
+        appended = daemon.submit(daemon.parse(line, "application/x-ndjson")).result()
     except ADMISSION_ERRORS as e:
         refusal = daemon.refusal(e)
         retry = {} if refusal.retry_after_s is None else {"retry_after": refusal.retry_after_s}
         return {"error": refusal.message, "status": refusal.status, **retry}
-    return {"first_seq": appended.first_seq, "count": appended.count}
+    return appended.answer()
 
 
 class _Handler(socketserver.StreamRequestHandler):

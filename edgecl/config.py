@@ -84,11 +84,16 @@ class BenchmarkConfig(_Strict):
     evaluate_on: Literal["test", "validation"] = "test"
 
 
+ClassNames = Annotated[list[str], Field(min_length=2)]  # label names, in index order
+
+
 class StreamConfig(_Strict):
-    """What `edgecl learn` accepts: the sample schema. Keys left out come from the benchmark."""
+    """What `edgecl learn` accepts: the sample schema (`edgecl.setup.stream_schema` says where
+    the keys left out come from)."""
 
     input_shape: list[PositiveInt] | None = Field(default=None, min_length=1)
-    classes: list[str] | None = Field(default=None, min_length=2)  # label names, in index order
+    # one list for every task, or a list per task name (a head per task, each its own names)
+    classes: ClassNames | dict[str, ClassNames] | None = None
     head: Literal["shared", "per_task"] | None = None
     max_tasks: PositiveInt | None = None
     batch_size: PositiveInt | None = None

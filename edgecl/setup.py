@@ -21,7 +21,7 @@ another benchmark drops the file's `n_tasks` and `samples_per_task`, which descr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,16 +170,21 @@ def new_learner(spec: LearnerSpec) -> Learner:
 
 
 # --- the daemon's stream ---------------------------------------------------------------------
+DEFAULT_MAX_TASKS = 20  # a stream's max_tasks when neither it nor the config says
+
+
 @dataclass(frozen=True)
 class SampleSchema:
     """What one sample of a daemon's stream looks like, and the learner's limits on tasks and
-    batches."""
+    batches. `task_classes` holds each task's own class names when the stream declares them
+    (a head per task); otherwise every task's labels are `classes`."""
 
     input_shape: tuple[int, ...]
     classes: tuple[str, ...]
     head: HeadMode
     max_tasks: int
     batch_size: int
+    task_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -187,30 +192,61 @@ class SampleSchema:
 
     @property
     def n_classes(self) -> int:
-        return len(self.classes)
+        """The head's width: the most classes any task has."""
+        return max([len(self.classes), *map(len, self.task_classes.values())])
+
+    def classes_of(self, task: str) -> tuple[str, ...]:
+        """`task`'s class names (a task the stream did not declare: none)."""
+        if self.task_classes:
+            return self.task_classes.get(task, ())
+        return self.classes
+
+    def to_dict(self) -> dict[str, Any]:
+        """As GET /v1/schema shows it."""
+        return {"input_shape": list(self.input_shape), "classes": list(self.classes),
+                "task_classes": {t: list(c) for t, c in self.task_classes.items()},
+                "head": self.head, "max_tasks": self.max_tasks, "batch_size": self.batch_size}
 
 
 def stream_schema(cfg: Config) -> SampleSchema:
-    """The config's `stream:` section; the keys it leaves out come from the config (`head`,
-    `max_tasks`, `benchmark.batch_size`), then from its benchmark's data."""
+    """The config's `stream:` section. With `input_shape` and `classes` in it, nothing else is
+    needed: `head` defaults to the config's `head` (per_task where `classes` lists each task's
+    names, else shared), `max_tasks` to the config's (else the number of tasks `classes`
+    names, else DEFAULT_MAX_TASKS), `batch_size` to `benchmark.batch_size`. A section without
+    `input_shape` or `classes` takes what it lacks from the config's benchmark, whose data it
+    then loads."""
     s = cfg.stream
+    task_classes = {t: tuple(c) for t, c in s.classes.items()} if isinstance(s.classes, dict) \
+        else {}
     head = s.head or (None if cfg.head == "auto" else cfg.head)
     max_tasks = s.max_tasks or cfg.max_tasks
-    input_shape, classes = s.input_shape, s.classes
-    if input_shape is None or classes is None or head is None or max_tasks is None:
+    if s.input_shape is not None and s.classes is not None:
+        input_shape = tuple(s.input_shape)
+        classes = () if task_classes else tuple(s.classes)
+        head = head or ("per_task" if task_classes else "shared")
+        max_tasks = max_tasks or len(task_classes) or DEFAULT_MAX_TASKS
+    else:
         try:
             data = DataShape.of(benchmark_for(cfg))
         except BenchmarkError as e:
-            raise ConfigError(f"stream: keys left out come from the benchmark, which cannot be "
-                              f"loaded: {e}") from None
-        input_shape = input_shape or list(data.input_shape)
-        classes = classes or list(data.classes)
+            raise ConfigError(f"stream: without input_shape and classes, the schema comes from "
+                              f"the benchmark, which cannot be loaded: {e}") from None
+        input_shape = tuple(s.input_shape or data.input_shape)
+        classes = () if task_classes else tuple(s.classes or data.classes)
         head = head or data.head
         max_tasks = max_tasks or data.n_tasks
-    if len(set(classes)) != len(classes):
-        raise ConfigError("stream.classes: class names must be distinct")
-    return SampleSchema(tuple(input_shape), tuple(classes), head, max_tasks,
-                        s.batch_size or cfg.benchmark.batch_size)
+    for where, names in [("stream.classes", classes),
+                         *((f"stream.classes.{t}", c) for t, c in task_classes.items())]:
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: class names must be distinct")
+    if task_classes and head != "per_task":
+        raise ConfigError("stream.classes: a class list per task needs a head per task "
+                          "(head: per_task)")
+    if len(task_classes) > max_tasks:
+        raise ConfigError(f"stream.classes: {len(task_classes)} tasks named, more than "
+                          f"max_tasks={max_tasks}")
+    return SampleSchema(input_shape, classes, head, max_tasks,
+                        s.batch_size or cfg.benchmark.batch_size, task_classes)
 
 
 def stream_learner_spec(cfg: Config, schema: SampleSchema) -> LearnerSpec:

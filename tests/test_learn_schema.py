@@ -5,6 +5,7 @@ import orjson
 import pytest
 from learn_helpers import CLASSES, SHAPE, stream_config
 
+from edgecl import setup
 from edgecl.config import ConfigError
 from edgecl.daemon.schema import BINARY_TYPE, SampleError, parse_body
 from edgecl.setup import build_config, stream_schema
@@ -52,7 +53,8 @@ def test_a_batch_and_ndjson_keep_request_order():
     ({"task": "a", "x": [0] * 6, "y": 3}, ["sample.y", "0..2"]),
     ({"task": "a", "x": [0] * 6, "y": -1}, ["sample.y", "0..2"]),
     ({"task": "a", "x": [0] * 6, "y": True}, ["sample.y", "label index"]),
-    ({"task": "a", "x": [0] * 6, "y": "swim"}, ["sample.y", "unknown class 'swim'", "walk"]),
+    ({"task": "a", "x": [0] * 6, "y": "swim"},
+     ["sample.y", "'swim' is not a class of task 'a'", "walk, run, sit"]),
     ({"task": "../etc", "x": [0] * 6, "y": 0}, ["sample.task", "task id"]),
     ({"task": "a", "x": [0] * 6, "y": 0, "ts": 1}, ["sample", "nothing else"]),
     ({"samples": [{"task": "a", "x": [0] * 6, "y": 0}, {"task": "a", "x": [0] * 6, "y": 9}]},
@@ -114,3 +116,55 @@ def test_the_stream_takes_the_configs_head_as_bench_does():
     assert stream_schema(build_config({"head": "per_task", "stream": stream})).head == "per_task"
     both = {"head": "per_task", "stream": {**stream, "head": "shared"}}
     assert stream_schema(build_config(both)).head == "shared"  # the stream section wins
+
+
+def test_a_stream_alone_is_the_schema_and_loads_no_benchmark(monkeypatch):
+    def no_data(cfg):
+        raise AssertionError("a stream with input_shape and classes needs no benchmark")
+
+    monkeypatch.setattr(setup, "benchmark_for", no_data)
+    schema = stream_schema(build_config({"stream": {"input_shape": [6, 64],
+                                                    "classes": ["walk", "run"]}}))
+    assert (schema.input_shape, schema.classes) == ((6, 64), ("walk", "run"))
+    assert schema.head == "shared" and schema.max_tasks == setup.DEFAULT_MAX_TASKS
+    assert schema.batch_size == 10
+
+
+def test_a_class_list_per_task_is_a_head_per_task_and_checked_per_task():
+    schema = stream_schema(build_config({"stream": {
+        "input_shape": list(SHAPE), "classes": {"kitchen": ["cut", "stir"],
+                                                "garden": ["dig", "rake", "sow"]}}}))
+    assert schema.head == "per_task" and schema.max_tasks == 2 and schema.n_classes == 3
+    body = orjson.dumps({"samples": [{"task": "garden", "x": [0] * 6, "y": "sow"},
+                                     {"task": "kitchen", "x": [0] * 6, "y": "stir"}]})
+    assert parse_body(schema, body, "application/json", 10).y.tolist() == [2, 1]
+    for task, y, words in [("kitchen", "sow", "its classes: cut, stir"),
+                           ("kitchen", 2, "0..1"), ("attic", "dig", "no class list")]:
+        body = orjson.dumps({"task": task, "x": [0] * 6, "y": y})
+        with pytest.raises(SampleError, match=words):
+            parse_body(schema, body, "application/json", 10)
+    shared_head = {"head": "shared", "input_shape": [2], "classes": {"a": ["x", "y"]}}
+    with pytest.raises(ConfigError, match="per_task"):
+        stream_schema(build_config({"stream": shared_head}))
+
+
+@pytest.mark.parametrize("field", ["dtype", "scale", "task", "y", "shape"])
+@pytest.mark.parametrize("value", [[], {}, None, True, 1.5, "x"])
+def test_a_binary_header_field_of_any_json_type_is_a_400(field, value):
+    header = {"task": "a", "y": [0], "dtype": "float32", field: value}
+    body = orjson.dumps(header) + b"\n" + np.zeros(6, "<f4").tobytes()
+    try:
+        parse_body(SCHEMA, body, BINARY_TYPE, 10)
+    except SampleError as e:
+        assert e.status == 400
+    else:  # the one value valid for its field
+        assert (field, value) == ("task", "x")
+
+
+def test_a_binary_header_says_the_rows_shape_and_a_transposed_one_is_refused():
+    rows = np.zeros((1, *SHAPE), "<f4").tobytes()
+    ok = orjson.dumps({"task": "a", "y": [0], "shape": list(SHAPE)}) + b"\n" + rows
+    assert parse_body(SCHEMA, ok, BINARY_TYPE, 10).x.shape == (1, *SHAPE)
+    flipped = orjson.dumps({"task": "a", "y": [0], "shape": list(SHAPE[::-1])}) + b"\n" + rows
+    with pytest.raises(SampleError, match=r"rows shaped \[3, 2\]; this stream's samples are"):
+        parse_body(SCHEMA, flipped, BINARY_TYPE, 10)

@@ -35,7 +35,8 @@ EXAMPLES = int(os.environ.get("EDGECL_FUZZ_EXAMPLES", "15"))
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODES = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-LEARN = stream_config(checkpoint_every=10**9, checkpoint_seconds=10**9, keep_checkpoints=100)
+LEARN = stream_config(checkpoint_every=10**9, checkpoint_seconds=10**9, keep_checkpoints=100,
+                      end_wait_s=0.2)  # an end waiting for samples that never come: brief
 # a request valid under serve's document may still not fit the model's input shape (the
 # document cannot know it): serve is held to every check but that one
 SERVE_EXCLUDED = [positive_data_acceptance]

@@ -105,7 +105,7 @@ class Daemon:
         self.checkpoints = CheckpointStore(state_dir / "checkpoints", cfg.learn.keep_checkpoints)
         # consolidated tasks whose export has not finished: checkpointed, exported again at start
         self.unpublished: set[str] = set()
-        self.publisher = Publisher(repo, self.spec, self.schema.classes,
+        self.publisher = Publisher(repo, self.spec, self.schema,
                                    self.unpublished.discard) if repo else None
         self.rejected = 0
         self.lost = 0  # records truncated from the journal that no checkpoint holds
@@ -352,11 +352,11 @@ class Daemon:
 class Publisher:
     """Exports consolidated tasks into the model repository on its own thread."""
 
-    def __init__(self, repo: Path, spec: LearnerSpec, classes: tuple[str, ...],
+    def __init__(self, repo: Path, spec: LearnerSpec, schema: SampleSchema,
                  on_published: Callable[[str], None] = lambda task: None) -> None:
         self.repo = repo
         self.spec = spec
-        self.classes = list(classes)
+        self.schema = schema
         self.on_published = on_published
         self.published: dict[str, int] = {}
         self.failed = 0
@@ -392,7 +392,8 @@ class Publisher:
         note = (f"{len(real)} held-out samples of the stream" if len(real)
                 else "random inputs only: no held-out samples of this task yet")
         try:
-            manifest = export_module(module, self.repo, task, self.spec, self.classes,
+            manifest = export_module(module, self.repo, task, self.spec,
+                                     list(self.schema.classes_of(task)),
                                      real if len(real) else None, note, source,
                                      sha256_of(buffer.getvalue()))
         except (ExportError, OSError, ValueError) as e:

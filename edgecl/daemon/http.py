@@ -9,7 +9,8 @@ POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happen
                              {"first_seq", "count", "duplicate"}
 POST /v1/tasks/{task}/export export the task's model now (needs --repo)
 POST /v1/checkpoint          checkpoint now;  POST /v1/evaluate: held-out accuracy now
-GET  /v1/status, /healthz, /readyz, /metrics, /openapi.json
+GET  /v1/status, /v1/schema (what a sample must look like), /healthz, /readyz, /metrics,
+     /openapi.json
 With a token every endpoint but /healthz needs `Authorization: Bearer <token>`.
 """
 
@@ -87,6 +88,8 @@ class IngestApp:
             return json_response(200 if d.ready else 503, {"ready": d.ready})
         if path == "/v1/status":
             return json_response(200, d.status())
+        if path == "/v1/schema":
+            return json_response(200, d.schema.to_dict())
         if path == "/metrics":
             return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         if path == "/openapi.json":

@@ -57,7 +57,7 @@ def _sample_schemas(schema: SampleSchema, max_request_samples: int) -> dict[str,
                                             "is accepted too"},
                        "y": {"oneOf": [{"type": "integer", "minimum": 0,
                                         "maximum": schema.n_classes - 1},
-                                       {"type": "string", "enum": list(schema.classes)}],
+                                       {"type": "string", "enum": _class_names(schema)}],
                              "description": "label index or class name"}}},
         "Batch": {"type": "object", "required": ["samples"], "additionalProperties": False,
                   "properties": {"samples": {"type": "array", "minItems": 1,
@@ -86,8 +86,16 @@ _DOCUMENT: dict[str, Any] = {
                           "415": _ERROR, "429": _ERROR, "507": _ERROR}}},
         "/v1/tasks/{task}/end": {"post": {
             "summary": "Journal an end-of-task marker: the learner consolidates the task there",
+            "description": "With `samples`, the end waits (learn.end_wait_s at most, then 409) "
+                           "until that many samples of the task have arrived on any transport.",
             "parameters": _TASK_PARAM,
-            "responses": {"202": _ACK, "400": _ERROR, "404": _ERROR, "507": _ERROR}}},
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "samples": {"type": "integer", "minimum": 0, "maximum": 2**62}}}}}},
+            "responses": {"202": _ACK, "400": _ERROR, "404": _ERROR, "409": _ERROR,
+                          "507": _ERROR}}},
+        "/v1/schema": {"get": {"summary": "What a sample must look like: input shape, classes",
+                               "responses": {"200": _ok("the sample schema")}}},
         "/v1/tasks/{task}/export": {"post": {
             "summary": "Export the task's model into the repository now",
             "parameters": _TASK_PARAM,
@@ -119,3 +127,9 @@ _DOCUMENT: dict[str, Any] = {
         },
     },
 }
+
+
+def _class_names(schema: SampleSchema) -> list[str]:
+    """Every class name of every task, in first-seen order."""
+    return list(dict.fromkeys([*schema.classes, *(c for names in schema.task_classes.values()
+                                                 for c in names)]))

@@ -142,7 +142,7 @@ def parse_records(schema: SampleSchema, records: list[Any], max_samples: int,
             raise SampleError(f'{where}: must be {{"task", "x", "y"}} and nothing else, '
                               f"got {keys}")
         tasks.append(check_task(record["task"], f"{where}.task"))
-        labels.append(label_index(schema, record["y"], f"{where}.y"))
+        labels.append(label_index(schema, tasks[-1], record["y"], f"{where}.y"))
         inputs.append(_input(schema, record["x"], f"{where}.x", check_each_value))
     return Samples(tasks, _finite_float32(np.concatenate(inputs), schema),
                    np.array(labels, dtype=np.int64))
@@ -195,18 +195,24 @@ def _finite_float32(x: np.ndarray, schema: SampleSchema) -> np.ndarray:
     return x.astype(np.float32).reshape(-1, *schema.input_shape)
 
 
-def label_index(schema: SampleSchema, y: Any, where: str = "y") -> int:
-    """A label index in range, or the index of a known class name."""
+def label_index(schema: SampleSchema, task: str, y: Any, where: str = "y") -> int:
+    """A label index in range, or the index of one of `task`'s class names."""
+    classes = schema.classes_of(task)
+    if not classes:
+        declared = ", ".join(sorted(schema.task_classes))
+        raise SampleError(f"{where}: task {task!r} has no class list in the stream's schema "
+                          f"(tasks with one: {declared})")
     if type(y) is int:
-        if 0 <= y < schema.n_classes:
+        if 0 <= y < len(classes):
             return y
-        raise SampleError(f"{where}: label {y} is not in 0..{schema.n_classes - 1}")
+        raise SampleError(f"{where}: label {y} is not in 0..{len(classes) - 1}")
     if isinstance(y, str):
         try:
-            return schema.classes.index(y)
+            return classes.index(y)
         except ValueError:
-            names = ", ".join(schema.classes[:20]) + (", ..." if schema.n_classes > 20 else "")
-            raise SampleError(f"{where}: unknown class {y!r}; known: {names}") from None
+            names = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
+            raise SampleError(f"{where}: {y!r} is not a class of task {task!r}; its classes: "
+                              f"{names}") from None
     raise SampleError(f"{where}: must be a label index or a class name, got {y!r}")
 
 
@@ -216,17 +222,21 @@ def parse_binary(schema: SampleSchema, body: bytes, max_samples: int) -> Samples
     if not newline:
         raise SampleError("binary body: a JSON header line must end with a newline")
     header = _json(head, "binary header")
-    allowed = {"task", "y", "dtype", "scale"}
+    allowed = {"task", "y", "dtype", "scale", "shape"}
     if not isinstance(header, dict) or not {"task", "y"} <= set(header) <= allowed:
-        raise SampleError('binary header: must be {"task", "y", "dtype"?, "scale"?}')
+        raise SampleError('binary header: must be {"task", "y", "dtype"?, "scale"?, "shape"?}')
     task = check_task(header["task"])
     if not isinstance(header["y"], list):
         raise SampleError("binary header: y must be a list of labels, one per row")
+    shape = header.get("shape", list(schema.input_shape))
+    if shape != list(schema.input_shape):
+        raise SampleError(f"binary header: rows shaped {shape!r}; this stream's samples are "
+                          f"{list(schema.input_shape)}")
     n = len(header["y"])
     _check_count(n, max_samples)
-    labels = [label_index(schema, y, f"y[{i}]") for i, y in enumerate(header["y"])]
+    labels = [label_index(schema, task, y, f"y[{i}]") for i, y in enumerate(header["y"])]
     dtype = header.get("dtype", "float32")
-    if dtype not in BINARY_DTYPES:
+    if not isinstance(dtype, str) or dtype not in BINARY_DTYPES:
         raise SampleError(f"binary header: dtype {dtype!r}; use float32 or uint8")
     scale = header.get("scale", 1.0)
     if type(scale) not in (int, float) or not 0 < scale <= FLOAT32_MAX:

@@ -431,8 +431,9 @@ def replay(
 ) -> None:
     """Stream a benchmark's or a task file's training samples into a running `edgecl learn`.
 
-    Waits for the daemon to be ready, sends every chosen task's training samples in order
-    (ending each task), then waits until the daemon has learned them all.
+    Waits for the daemon to be ready, checks the source's input shape and class names against
+    the daemon's schema, sends every chosen task's training samples in order, labelled by class
+    name (ending each task), then waits until the daemon has learned them all.
     """
     import time
 
@@ -452,6 +453,14 @@ def replay(
         client.wait_ready(wait_s)
     except (LearnError, OSError) as e:
         fail(f"{to}: not ready after {wait_s:g} s ({e})", code=1)
+    try:  # every task's shape and class names against the daemon's schema, before sending any
+        for task in chosen:
+            for label in sorted(set(task.y_train.tolist())):
+                client.check(task.name, task.x_train[0].numpy(), task.classes[label])
+    except ValueError as e:
+        fail(f"{to} does not take {source}: {e}")
+    except (LearnError, OSError) as e:
+        fail(f"{to}: {e}", code=1)
     t0 = time.perf_counter()
     with client, progress_bar() as bar:
         job = bar.add_task(f"{source} -> {to}", total=total)
@@ -460,7 +469,7 @@ def replay(
             for task in chosen:
                 for i in range(0, len(task.y_train), batch):
                     x, y = task.x_train[i:i + batch].numpy(), task.y_train[i:i + batch]
-                    client.send_many(task.name, x, y.tolist())
+                    client.send_many(task.name, x, [task.classes[k] for k in y.tolist()])
                     client.flush()
                     sent += len(y)
                     bar.update(job, advance=len(y))

@@ -123,6 +123,7 @@ class DataShape:
     classes: tuple[str, ...]  # label names in index order (indices as names when tasks differ)
     head: HeadMode
     n_tasks: int
+    task_classes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # when tasks differ
 
     @property
     def n_classes(self) -> int:
@@ -131,9 +132,10 @@ class DataShape:
     @classmethod
     def of(cls, bench: Benchmark) -> DataShape:
         shared = {t.classes for t in bench.tasks}
-        classes = (next(iter(shared)) if len(shared) == 1
-                   else tuple(str(k) for k in range(bench.n_classes)))
-        return cls(bench.input_shape, classes, bench.head, len(bench.tasks))
+        if len(shared) == 1:
+            return cls(bench.input_shape, next(iter(shared)), bench.head, len(bench.tasks))
+        return cls(bench.input_shape, tuple(str(k) for k in range(bench.n_classes)), bench.head,
+                   len(bench.tasks), {t.name: t.classes for t in bench.tasks})
 
 
 def benchmark_for(cfg: Config) -> Benchmark:
@@ -232,8 +234,10 @@ def stream_schema(cfg: Config) -> SampleSchema:
             raise ConfigError(f"stream: without input_shape and classes, the schema comes from "
                               f"the benchmark, which cannot be loaded: {e}") from None
         input_shape = tuple(s.input_shape or data.input_shape)
-        classes = () if task_classes else tuple(s.classes or data.classes)
         head = head or data.head
+        if s.classes is None and head == "per_task":  # each task's own names, if they differ
+            task_classes = dict(data.task_classes)
+        classes = () if task_classes else tuple(s.classes or data.classes)
         max_tasks = max_tasks or data.n_tasks
     for where, names in [("stream.classes", classes),
                          *((f"stream.classes.{t}", c) for t, c in task_classes.items())]:

@@ -22,6 +22,7 @@ from learn_helpers import (
     wait_learned,
 )
 
+from edgecl.daemon.client import LearnClient
 from edgecl.daemon.daemon import Daemon, DaemonError
 from edgecl.daemon.journal import END
 from edgecl.daemon.schema import BINARY_TYPE
@@ -293,3 +294,20 @@ def test_an_end_whose_samples_never_come_is_refused_in_time_and_journals_nothing
             assert "an end of task is" in body["error"] or "samples: " in body["error"]
         assert ends_in_journal(daemon) == []
         assert daemon.status()["rejected"] == 6
+
+
+def test_the_client_reads_the_schema_and_refuses_a_transposed_window_or_an_unknown_class(
+        tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server:
+        with LearnClient(server.url) as client:
+            assert client.schema()["input_shape"] == [2, 3]
+            x, _ = task_samples(0, 2)
+            with pytest.raises(ValueError, match=r"shaped \[3, 2\]; the daemon takes \[2, 3\] "
+                                                 r"\(the same values in another order"):
+                client.send("a", x[0].T, "walk")
+            with pytest.raises(ValueError, match="'swim' is not one of task 'a'"):
+                client.send("a", x[0], "swim")
+            client.send_many("a", x, ["walk", "sit"])  # names, in the binary form
+        wait_learned(daemon, 2)
+        assert daemon.status()["accepted"] == 2 and daemon.status()["rejected"] == 0

@@ -7,10 +7,14 @@
         client.end_task("site-a")              # flushes; ends the task after what it sent
         client.status()
 
-Samples go out in the order they were given (a task switch flushes the buffer), as the binary
-form when their labels are indices, else as JSON. A 429 (the learner lags) is waited out and
-sent again: nothing of a refused request was accepted. A connection lost mid-request is an
-error, not retried: the daemon may have journaled it already. Not thread-safe: one per thread.
+Samples go out in the order they were given (a task switch flushes the buffer), in the binary
+form, which states their shape. Before the first, the client reads the daemon's schema
+(GET /v1/schema) and refuses, with a ValueError saying what the daemon expects, an input of
+another shape (a window [steps, channels] sent to a daemon that reads [channels, steps] is not
+silently flattened into the wrong one) or a class name the task does not have. A 429 (the
+learner lags) is waited out and sent again: nothing of a refused request was accepted. A
+connection lost mid-request is an error, not retried: the daemon may have journaled it already.
+Not thread-safe: one per thread.
 """
 
 from __future__ import annotations
@@ -43,16 +47,20 @@ class LearnClient:
         self._x: list[np.ndarray] = []
         self._y: list[Label] = []
         self._last_used = time.monotonic()
+        self._schema: dict[str, Any] | None = None  # the daemon's, read on first use
         self.sent = 0  # samples acknowledged
         self.acknowledged: dict[str, int] = {}  # per task
         self.retries = 0  # requests sent again after a 429
 
     def send(self, task: str, x: Any, y: Label) -> None:
-        """Buffer one sample; full batches go out at once."""
+        """Buffer one sample (`x` in the daemon's input shape, `y` a label index or one of the
+        task's class names); full batches go out at once."""
+        x = np.asarray(x, dtype=np.float32)
+        self.check(task, x, y)
         if task != self._task:
             self.flush()
             self._task = task
-        self._x.append(np.asarray(x, dtype=np.float32))
+        self._x.append(x)
         self._y.append(y)
         if len(self._y) >= self.batch:
             self.flush()
@@ -70,16 +78,10 @@ class LearnClient:
             return
         task, x, y = self._task, np.stack(self._x), self._y
         self._x, self._y = [], []
-        if all(type(label) is int for label in y):
-            header = orjson.dumps({"task": task, "y": y, "dtype": "float32"})
-            body = header + b"\n" + np.ascontiguousarray(x, dtype="<f4").tobytes()
-            content_type = BINARY_TYPE
-        else:
-            body = orjson.dumps({"samples": [{"task": task, "x": xi.ravel(), "y": yi}
-                                             for xi, yi in zip(x, y, strict=True)]},
-                                option=orjson.OPT_SERIALIZE_NUMPY)
-            content_type = "application/json"
-        ack = self._request("POST", "/v1/samples", body, content_type)
+        header = orjson.dumps({"task": task, "y": y, "dtype": "float32",
+                               "shape": list(x.shape[1:])})
+        body = header + b"\n" + np.ascontiguousarray(x, dtype="<f4").tobytes()
+        ack = self._request("POST", "/v1/samples", body, BINARY_TYPE)
         self.sent += ack["count"]
         self.acknowledged[task] = self.acknowledged.get(task, 0) + ack["count"]
 
@@ -94,6 +96,30 @@ class LearnClient:
 
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/v1/status")
+
+    def schema(self) -> dict[str, Any]:
+        """What the daemon takes: input_shape, classes (or task_classes), head, max_tasks."""
+        if self._schema is None:
+            self._schema = self._request("GET", "/v1/schema")
+        return self._schema
+
+    def check(self, task: str, x: np.ndarray, y: Label) -> None:
+        """ValueError unless the daemon's schema takes `x` and `y` for `task`."""
+        schema = self.schema()
+        shape = list(schema["input_shape"])
+        if list(x.shape) != shape:
+            hint = (" (the same values in another order: transpose the window to "
+                    "[channels, steps])" if sorted(x.shape) == sorted(shape) else "")
+            raise ValueError(f"an input shaped {list(x.shape)}; the daemon takes {shape}{hint}")
+        classes = schema["task_classes"].get(task) if schema["task_classes"] \
+            else schema["classes"]
+        if classes is None:
+            raise ValueError(f"task {task!r} has no class list in the daemon's schema; tasks "
+                             f"with one: {', '.join(schema['task_classes'])}")
+        known = y in classes if isinstance(y, str) else type(y) is int and 0 <= y < len(classes)
+        if not known:
+            raise ValueError(f"label {y!r} is not one of task {task!r}'s classes "
+                             f"({', '.join(classes)}) or their indices")
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the daemon answers /readyz with 200 (it may still be starting)."""

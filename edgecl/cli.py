@@ -354,9 +354,12 @@ def learn(
     socket: Annotated[Path | None, typer.Option(
         help="Also accept NDJSON samples on this unix socket (mode 0600).")] = None,
     mqtt: Annotated[str | None, typer.Option(
-        help="Also subscribe to edgecl/<device>/samples on this MQTT broker, "
-             "e.g. mqtt://127.0.0.1:1883 (needs --device).")] = None,
-    device: Annotated[str | None, typer.Option(help="This device's name in MQTT topics.")
+        help="Also subscribe to edgecl/<name>/samples on this MQTT broker, "
+             "e.g. mqtt://127.0.0.1:1883 (needs --name).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="This device's name in MQTT topics (edgecl/<name>/samples).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto | cpu | cuda: where the learner runs (default: the config's, else auto).")
                       ] = None,
     token_file: Annotated[Path | None, typer.Option(
         help="File holding the bearer token clients must send (default: $EDGECL_LEARN_TOKEN "
@@ -383,17 +386,17 @@ def learn(
     from edgecl.logs import log_json_lines
     from edgecl.web import ListenError
 
-    if mqtt and not device:
-        fail("--mqtt needs --device NAME (the topic is edgecl/<device>/samples)")
+    if mqtt and not name:
+        fail("--mqtt needs --name NAME (the topic is edgecl/<name>/samples)")
     listeners = Listeners(host, port, _token(token_file, LEARN_TOKEN_ENV), _tls(tls_cert, tls_key),
-                          socket, mqtt, device or "")
+                          socket, mqtt, name or "")
     from edgecl.setup import load_config
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, {"device": device} if device else None)
     except ConfigError as e:
         fail(str(e))
-    check_device(cfg, False, config)  # learn's --device is the MQTT name, not torch's
+    check_device(cfg, device is not None, config)
     log_json_lines()
     use_threads(threads or cfg.threads)
     try:

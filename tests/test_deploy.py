@@ -435,7 +435,7 @@ def device(tmp_path_factory) -> Iterator[Device]:
     env = {**os.environ, "EDGECL_LEARN_TOKEN": LEARN_TOKEN, "EDGECL_SERVE_TOKEN": SERVE_TOKEN}
     learn = Daemon([str(EDGECL), "learn", "--state-dir", str(root / "var" / "state"),
                     "--config", str(root / "learn.yaml"), "--repo", str(models), "--port", "0",
-                    "--device", "test-device"], env)
+                    "--name", "test-device"], env)
     serve = Daemon([str(EDGECL), "serve", "--repo", str(models), "--port", "0",
                     "--poll-s", "0.2"], env)
     try:
@@ -590,7 +590,7 @@ def test_rollout_installs_a_release_and_rolls_back_one_that_fails_its_gate(devic
     assert learn_env.stat().st_mode & 0o777 == 0o600
     assert f"EDGECL_LEARN_TOKEN={LEARN_TOKEN}" in learn_env.read_text()
     assert (f'EDGECL_LEARN_ARGS="--host 127.0.0.1 --port {port_of(device.learn_url)} '
-            '--device test-device"') in learn_env.read_text()
+            '--name test-device"') in learn_env.read_text()
     for name in ("learn", "serve"):
         unit = tmp_path / "units" / f"edgecl-{name}.service"
         assert unit.read_text() == (UNITS / unit.name).read_text()

@@ -50,7 +50,9 @@ def test_bad_invocations_are_one_line_and_exit_2(tmp_path):
     one_line_error(cli("learn", "--state-dir", str(tmp_path / "s"), "--config", str(bad)),
                    "stream.input_shape")
     one_line_error(cli("learn", "--state-dir", str(tmp_path / "s"), "--mqtt", "mqtt://x"),
-                   "--device")
+                   "--name")
+    one_line_error(cli("learn", "--state-dir", str(tmp_path / "s"), "--device", "tpu"),
+                   "device")
     refused = tmp_path / "refused.yaml"  # a setting the method itself refuses: no traceback
     data = stream_config().model_dump(mode="json")
     refused.write_text(json.dumps({**data, "method": {"name": "wsn", "capacity": [0.5] * 5}}))

@@ -35,7 +35,7 @@ SEED = 1234
 class DaemonProcess:
     def __init__(self, config, state, port, mqtt_url):
         self.args = [str(EDGECL), "learn", "--config", str(config), "--state-dir", str(state),
-                     "--port", str(port), "--mqtt", mqtt_url, "--device", "crash"]
+                     "--port", str(port), "--mqtt", mqtt_url, "--name", "crash"]
         self.url = f"http://127.0.0.1:{port}"
         self.proc = None
         self.kills = 0

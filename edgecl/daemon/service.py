@@ -34,7 +34,7 @@ class Listeners:
     tls: tuple[Path, Path] | None = None  # (certificate, key) to serve HTTPS with
     socket: Path | None = None
     mqtt: str | None = None  # mqtt://host:port
-    mqtt_device: str = ""  # the device's name in MQTT topics
+    name: str = ""  # the device's name in MQTT topics
 
 
 class LearnService:
@@ -55,7 +55,7 @@ class LearnService:
             if listeners.mqtt:
                 from edgecl.daemon.mqtt import MqttSource  # paho loads only when asked for
 
-                self.sources.append(MqttSource(daemon, listeners.mqtt, listeners.mqtt_device))
+                self.sources.append(MqttSource(daemon, listeners.mqtt, listeners.name))
         except BaseException:
             self.daemon.stop()
             raise

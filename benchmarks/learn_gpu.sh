@@ -27,6 +27,6 @@ python3 -m edgecl status
 kill -TERM "$daemon"
 wait "$daemon"
 python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('daemon device', s['device'],
-    'published', {t: v['published_version'] for t, v in s['tasks'].items()})" "$OUT/status.json"
+    'published', {t: v['served_version'] for t, v in s['tasks'].items()})" "$OUT/status.json"
 
 python3 -m pytest -q -x -p no:cacheprovider tests -k "cuda" 2>&1 | tail -5

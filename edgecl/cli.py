@@ -520,15 +520,24 @@ def _status_table(s: dict[str, Any]) -> Table:
     table = Table(title=f"{s['method']} on {s['device']}: {s['accepted']:,} accepted, "
                         f"{s['learned']:,} learned, {s['rejected']:,} rejected, lag {j['lag']:,}")
     for col in ("task", "accepted", "held out", "acc. when learned", "acc. now", "forgetting",
-                "model version"):
+                "served model"):
         table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
     for task, t in s["tasks"].items():
         then, now = t["accuracy_when_learned"], t["accuracy"]
         forgetting = None if then is None or now is None else then - now
         table.add_row(task + (" (open)" if task == s["open_task"] else ""), f"{t['accepted']:,}",
-                      f"{t['held_out']:,}", pct(then), pct(now), pct(forgetting),
-                      str(t["published_version"] or ""))
+                      f"{t['held_out']:,}", pct(then), pct(now), pct(forgetting), _served(t))
     return table
+
+
+def _served(task: dict[str, Any]) -> str:
+    """'v3 @1,200' (version, journal offset it was exported at), and whether the learner has
+    moved on from it since ('behind')."""
+    if task["served_version"] is None:
+        return "behind" if task["behind"] else ""
+    offset = task["served_offset"]
+    where = f" @{offset:,}" if offset is not None else ""
+    return f"v{task['served_version']}{where}" + (", behind" if task["behind"] else "")
 
 
 def _choose_tasks(all_tasks: tuple[Any, ...], spec: str | None) -> list[Any]:

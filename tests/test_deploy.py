@@ -293,9 +293,9 @@ def test_the_status_table_reads_like_the_daemons_numbers():
              "last_checkpoint": {"file": f"ckpt-000012000-0123abcd{'e' * 56}.pt", "offset": 12000,
                                  "at": now - 300},
              "tasks": {"a": {"accepted": 10000, "held_out": 500, "accuracy": 0.9,
-                             "accuracy_when_learned": 0.95, "published_version": 3},
+                             "accuracy_when_learned": 0.95, "served_version": 3},
                        "b": {"accepted": 2345, "held_out": 117, "accuracy": None,
-                             "accuracy_when_learned": None, "published_version": None}}}
+                             "accuracy_when_learned": None, "served_version": None}}}
     reports = [
         {"host": "h1", "device": "jet-01", "release": "0.1.0-abc", "learn": learn,
          "serve": {"version": "0.1.0"}, "models": {"a": {**META, "versions": ["3"]}}},

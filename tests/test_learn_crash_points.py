@@ -109,7 +109,7 @@ def test_kills_in_checkpoint_writes_and_exports_lose_and_repeat_nothing(tmp_path
         while True:  # everything learned, and every export done
             s = attempt(lambda c: c.status())
             if (not s["journal"]["lag"] and s["learned"] >= s["accepted"]
-                    and not s["publish"]["queued"] and not s["publish"]["unpublished"]):
+                    and not s["publish"]["queued"] and not s["publish"]["behind"]):
                 break
             assert time.monotonic() < deadline, s
             time.sleep(0.1)

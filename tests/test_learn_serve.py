@@ -12,15 +12,37 @@ from edgecl.serve import create_server
 from edgecl.serve.client import Client
 
 
-def wait_published(daemon: Daemon, task: str, version: int, timeout_s: float = 120.0) -> None:
+def wait_current(daemon: Daemon, timeout_s: float = 120.0) -> dict:
+    """Until every served model is the learner's (no export queued or behind); the status."""
     deadline = time.monotonic() + timeout_s
-    while daemon.publisher.published.get(task) != version:
+    while True:
+        s = daemon.status()
+        if not s["journal"]["lag"] and not s["publish"]["queued"] and not s["publish"]["behind"]:
+            return s
         assert daemon.publisher.failed == 0, daemon.publisher.last_error
-        assert time.monotonic() < deadline, f"{task} v{version} not published"
+        assert time.monotonic() < deadline, s["publish"]
         time.sleep(0.05)
 
 
-def test_consolidated_tasks_are_published_and_served_as_the_learner_predicts(tmp_path):
+def served_as_the_learner_predicts(daemon: Daemon, server, client: Client, task: str) -> None:
+    """serve's argmax on the task's held-out samples is the learner's, once serve has the
+    version the daemon published."""
+    held_x, _ = daemon.learning.holdout.tensors(task)
+    assert len(held_x) >= 10
+    expected = daemon.call(lambda: daemon.learning.learner.predict(
+        held_x, task).argmax(1).numpy()).result()
+    version = str(daemon.status()["tasks"][task]["served_version"])
+    deadline = time.monotonic() + 10
+    while client.metadata(task)["versions"][-1] != version if task in server.models.all() \
+            else True:
+        assert time.monotonic() < deadline, f"serve did not load {task} v{version}"
+        time.sleep(0.05)
+    np.testing.assert_array_equal(client.infer(task, held_x.numpy()).argmax(1), expected)
+
+
+def test_served_models_follow_the_learner_as_it_consolidates_each_task(tmp_path):
+    """EWC trains one shared net: ending site-b changes site-a's model too, so site-a is
+    published again, and serve answers for both as the learner predicts now."""
     repo = tmp_path / "repo"
     repo.mkdir()
     daemon = Daemon(stream_config("ewc", holdout=0.25), tmp_path / "state", repo)
@@ -33,27 +55,40 @@ def test_consolidated_tasks_are_published_and_served_as_the_learner_predicts(tmp
                 x, y = task_samples(index, 120)
                 assert call(ingest, "POST", "/v1/samples",
                             {"samples": records(task, x, y)})[0] == 202
-                assert call(ingest, "POST", f"/v1/tasks/{task}/end")[0] == 202
+                assert call(ingest, "POST", f"/v1/tasks/{task}/end",
+                            {"samples": 120})[0] == 202
                 wait_learned(daemon, 120 * (index + 1))
-                wait_published(daemon, task, 1)
-                held_x, _ = daemon.learning.holdout.tensors(task)
-                assert len(held_x) >= 10
-                expected = daemon.call(lambda t=task, x=held_x: daemon.learning.learner.predict(
-                    x, t).argmax(1).numpy()).result()
-                deadline = time.monotonic() + 10
-                while task not in server.models.all():
-                    assert time.monotonic() < deadline, "serve did not load the new task"
-                    time.sleep(0.05)
-                got = client.infer(task, held_x.numpy()).argmax(1)
-                np.testing.assert_array_equal(got, expected)
-                meta = client.metadata(task)["parameters"]
-                assert meta["classes"] == ["walk", "run", "sit"] and meta["method"] == "ewc"
-            # export on request: a new version of a task already published
+                status = wait_current(daemon)
+                for known in status["tasks"]:
+                    served_as_the_learner_predicts(daemon, server, client, known)
+            tasks = status["tasks"]
+            assert tasks["site-a"]["served_version"] == 2  # exported again after site-b
+            assert tasks["site-b"]["served_version"] == 1
+            # both exported as site-b ended: its END marker, seq 242 (120 + 1 + 120 + 1)
+            assert tasks["site-a"]["served_offset"] == tasks["site-b"]["served_offset"] == 242
+            assert not tasks["site-a"]["behind"] and status["publish"]["behind"] == []
+            meta = client.metadata("site-a")["parameters"]
+            assert meta["classes"] == ["walk", "run", "sit"] and meta["method"] == "ewc"
+            # export on request: a new version even of a model that did not change
             assert call(ingest, "POST", "/v1/tasks/site-a/export")[0] == 202
-            wait_published(daemon, "site-a", 2)
-            status = call(ingest, "GET", "/v1/status")[1]
-            assert status["tasks"]["site-a"]["published_version"] == 2
+            assert wait_current(daemon)["tasks"]["site-a"]["served_version"] == 3
             assert call(ingest, "POST", "/v1/tasks/nope/export")[0] == 404
     finally:
         server.shutdown()
         serving.join(10)
+
+
+def test_a_restarted_daemon_exports_only_what_changed(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    daemon = Daemon(stream_config("finetune"), tmp_path / "state", repo)
+    with running(daemon) as ingest:
+        x, y = task_samples(0, 40)
+        call(ingest, "POST", "/v1/samples", {"samples": records("site-a", x, y)})
+        call(ingest, "POST", "/v1/tasks/site-a/end", {"samples": 40})
+        wait_learned(daemon, 40)
+        wait_current(daemon)
+    again = Daemon(stream_config("finetune"), tmp_path / "state", repo)
+    with running(again):
+        status = wait_current(again)
+    assert status["tasks"]["site-a"]["served_version"] == 1  # the same model: not again

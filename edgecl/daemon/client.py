@@ -135,12 +135,19 @@ class LearnClient:
                 time.sleep(0.2)
 
     def wait_learned(self, timeout_s: float) -> dict[str, Any]:
-        """Until everything journaled is learned and every export queued is done; the status."""
+        """Until everything journaled is learned and, with a model repository, every task's
+        served model is the learner's (its exports done); the status. A served model left
+        behind by a failed export: LearnError, with the export's error."""
         deadline = time.monotonic() + timeout_s
         while True:
             s = self.status()
             publishing = s["publish"]["queued"] if s["publish"] else 0
             if s["journal"]["lag"] == 0 and not publishing:
+                behind = s["publish"]["behind"] if s["publish"] else []
+                if behind:
+                    raise LearnError(500, f"served models behind the learner: "
+                                          f"{', '.join(behind)} (export failed: "
+                                          f"{s['publish']['last_error']})")
                 return s
             if time.monotonic() > deadline:
                 raise TimeoutError(f"still {s['journal']['lag']:,} records to learn and "

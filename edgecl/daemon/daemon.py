@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import io
 import logging
 import os
 import queue
@@ -20,16 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from edgecl import __version__
 from edgecl.config import Config
 from edgecl.daemon.checkpoints import CheckpointStore
 from edgecl.daemon.journal import FLUSH, JOURNAL_RETRY_S, Appended, Journal, JournalError
 from edgecl.daemon.loop import Learning
+from edgecl.daemon.publisher import Publisher
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
-from edgecl.learners import LearnerSpec
-from edgecl.repository import sha256_of
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
 
 log = logging.getLogger("edgecl.learn")
@@ -103,10 +99,8 @@ class Daemon:
         self._lock_fd = lock_state_dir(state_dir)
         self.journal = Journal(state_dir / "journal.sqlite3", self.schema.max_tasks)
         self.checkpoints = CheckpointStore(state_dir / "checkpoints", cfg.learn.keep_checkpoints)
-        # consolidated tasks whose export has not finished: checkpointed, exported again at start
-        self.unpublished: set[str] = set()
         self.publisher = Publisher(repo, self.spec, self.schema,
-                                   self.unpublished.discard) if repo else None
+                                   f"edgecl learn {state_dir.resolve()}") if repo else None
         self.rejected = 0
         self.lost = 0  # records truncated from the journal that no checkpoint holds
         self.last_checkpoint: dict[str, Any] | None = None
@@ -119,6 +113,8 @@ class Daemon:
             self.stop()
             raise
         self.replay_target = self.journal.last_seq
+        # the offset up to which records are learned and their consolidations' exports queued
+        self.settled = self.learning.offset
         self.footprint = self.learning.learner.footprint().to_dict()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self.started_at = time.time()
@@ -135,7 +131,6 @@ class Daemon:
             learning = Learning(restored.learner, self.schema, self.cfg.learn,
                                 restored.meta["learning"])
             self.journal.skip_to(learning.offset)  # a damaged journal may end before it
-            self.unpublished.update(restored.meta.get("unpublished", ()))
             log.info("restored %s: journal offset %d", restored.path.name, learning.offset)
             self.last_checkpoint = {"file": restored.path.name, "offset": learning.offset,
                                     "at": restored.path.stat().st_mtime, "seconds": 0.0}
@@ -151,9 +146,7 @@ class Daemon:
         return learning
 
     def start(self) -> None:
-        for task in sorted(self.unpublished):  # an export the last run did not finish
-            log.info("exporting %s again: the last run stopped before it was published", task)
-            self._publish(task)
+        self._publish_changed()  # what the last run did not publish, or published from later
         self._thread.start()
 
     def stop(self) -> None:
@@ -180,7 +173,8 @@ class Daemon:
 
     # --- ingest (any thread) ---------------------------------------------------------------
     def lag(self) -> int:
-        return self.journal.last_seq - self.learning.offset
+        """Records journaled whose effect, and the publishing it calls for, is not done."""
+        return self.journal.last_seq - self.settled
 
     def check_backpressure(self) -> None:
         lag = self.lag()
@@ -235,7 +229,7 @@ class Daemon:
             raise SampleError("no model repository: start edgecl learn with --repo", 409)
         if task not in self.learning.learner.task_ids:
             raise SampleError(f"unknown task {task!r}: nothing learned of it yet", 404)
-        self._publish(task)
+        self._publish_changed(force=task)
 
     # --- the learning thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -256,6 +250,7 @@ class Daemon:
                     break
                 for task in self.learning.take(chunk):
                     self._consolidated(task)
+                self.settled = self.learning.offset
             now = time.monotonic()
             if chunks:
                 last_record_s = now
@@ -293,7 +288,7 @@ class Daemon:
         if not force and self.last_checkpoint and self.last_checkpoint["offset"] == learning.offset:
             return
         t0 = time.perf_counter()
-        meta = {"learning": learning.state_dict(), "unpublished": sorted(self.unpublished.copy())}
+        meta = {"learning": learning.state_dict()}
         path = self.checkpoints.save(learning.learner, meta, learning.offset)
         self.journal.truncate(self.checkpoints.oldest_offset())
         self.footprint = learning.learner.footprint().to_dict()
@@ -306,18 +301,28 @@ class Daemon:
         accs = self.learning.rows[task]
         log.info("task %s consolidated; held-out accuracy %s", task,
                  ", ".join(f"{t} {a:.3f}" for t, a in accs.items()) or "n/a")
-        if self.publisher is not None:
-            self._publish(task)
+        self._publish_changed()
 
-    def _publish(self, task: str) -> None:
-        x, _ = self.learning.holdout.tensors(task)
-        assert self.publisher is not None
-        self.unpublished.add(task)
-        self.publisher.submit(task, self.learning.learner.task_module(task), x.clone(),
-                              f"edgecl learn {self.state_dir.resolve()} at journal seq "
-                              f"{self.learning.offset}")
+    def _publish_changed(self, force: str | None = None) -> None:
+        """Offer every task's model to the publisher (on the learning thread, or before it
+        starts): it exports those that changed, and `force` whatever it is."""
+        if self.publisher is None:
+            return
+        learning = self.learning
+        for task in learning.learner.task_ids:
+            x, _ = learning.holdout.tensors(task)
+            self.publisher.offer(task, learning.learner.task_module(task), x.clone(),
+                                 learning.offset, force=task == force)
 
     # --- status ----------------------------------------------------------------------------
+    def _served(self, task: str) -> dict[str, Any]:
+        """The task's served model: version, the journal offset it was exported at, and
+        whether the learner has moved on from it (a newer export queued or failed)."""
+        served = self.publisher.served.get(task) if self.publisher else None
+        return {"served_version": served.version if served else None,
+                "served_offset": served.offset if served else None,
+                "behind": self.publisher is not None and task in self.publisher.behind()}
+
     def status(self) -> dict[str, Any]:
         learning = self.learning
         accepted = dict(self.journal.accepted)
@@ -326,8 +331,7 @@ class Daemon:
             task: {"accepted": n, "held_out": holdout.get(task, 0),
                    "accuracy": learning.accuracy_now.get(task),
                    "accuracy_when_learned": learning.accuracy_learned.get(task),
-                   "published_version": (self.publisher.published.get(task)
-                                         if self.publisher else None)}
+                   **self._served(task)}
             for task, n in accepted.items()}
         return {
             "version": __version__, "ready": self.ready, "accepted": sum(accepted.values()),
@@ -343,74 +347,7 @@ class Daemon:
             "corrupt_checkpoints": self.checkpoints.corrupt,
             "checkpoint_failures": self.checkpoint_failures,
             "footprint": self.footprint,
-            "publish": ({**self.publisher.status(), "unpublished": sorted(self.unpublished.copy())}
-                        if self.publisher else None),
+            "publish": self.publisher.status() if self.publisher else None,
             "uptime_s": time.time() - self.started_at,
         }
 
-
-class Publisher:
-    """Exports consolidated tasks into the model repository on its own thread."""
-
-    def __init__(self, repo: Path, spec: LearnerSpec, schema: SampleSchema,
-                 on_published: Callable[[str], None] = lambda task: None) -> None:
-        self.repo = repo
-        self.spec = spec
-        self.schema = schema
-        self.on_published = on_published
-        self.published: dict[str, int] = {}
-        self.failed = 0
-        self.last_error: str | None = None
-        self._exporting = 0  # jobs taken off the queue and not yet done
-        self._jobs: queue.Queue[tuple[str, torch.nn.Module, torch.Tensor, str] | None] = \
-            queue.Queue(maxsize=spec.max_tasks)
-        self._thread = threading.Thread(target=self._run, name="edgecl-publish", daemon=True)
-        self._thread.start()
-
-    def submit(self, task: str, module: torch.nn.Module, real: torch.Tensor, source: str
-               ) -> None:
-        try:
-            self._jobs.put_nowait((task, module, real, source))
-        except queue.Full:
-            log.warning("export of %s skipped: %d exports already queued", task,
-                        self._jobs.qsize())
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._exporting = 1
-            try:
-                self._export(*job)
-            finally:
-                self._exporting = 0
-
-    def _export(self, task: str, module: torch.nn.Module, real: torch.Tensor, source: str
-                ) -> None:
-        from edgecl.export import ExportError, export_module  # onnx loads on first export
-
-        buffer = io.BytesIO()
-        torch.save(module.state_dict(), buffer)
-        note = (f"{len(real)} held-out samples of the stream" if len(real)
-                else "random inputs only: no held-out samples of this task yet")
-        try:
-            manifest = export_module(module, self.repo, task, self.spec,
-                                     list(self.schema.classes_of(task)),
-                                     real if len(real) else None, note, source,
-                                     sha256_of(buffer.getvalue()))
-        except (ExportError, OSError, ValueError) as e:
-            self.failed += 1
-            self.last_error = str(e)
-            log.error("export of %s failed: %s", task, e)
-            return
-        self.published[task] = manifest.version
-        self.on_published(task)
-        log.info("published %s version %d", task, manifest.version)
-
-    def status(self) -> dict[str, Any]:
-        return {"repo": str(self.repo), "queued": self._jobs.qsize() + self._exporting,
-                "failed": self.failed, "last_error": self.last_error}
-
-    def close(self) -> None:
-        """Finish the queued exports."""
-        with contextlib.suppress(queue.Full):
-            self._jobs.put(None, timeout=60)
-        self._thread.join(timeout=300)

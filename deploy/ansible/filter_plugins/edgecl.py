@@ -128,7 +128,7 @@ def edgecl_status_rows(reports: list[dict[str, Any]], now: float | None = None
                 "device": name, "task": task, "accepted": t.get("accepted"),
                 "held_out": t.get("held_out"), "accuracy_when_learned": then, "accuracy": acc,
                 "forgetting": then - acc if then is not None and acc is not None else None,
-                "published_version": t.get("published_version"), "served_version": served,
+                "published_version": t.get("served_version"), "served_version": served,
                 "open": task == (learn or {}).get("open_task")})
     return {"devices": devices, "tasks": tasks, "alerts": alerts}
 

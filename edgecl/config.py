@@ -133,8 +133,9 @@ class Config(_Strict):
     # device the learner shares the cores with ingest, serve and the sensor process.
     threads: PositiveInt = 1
     # "channel": the model standardises each input channel itself, with statistics fitted from
-    # the stream's first task (edgecl.nets.norm), so it takes raw sensor values.
-    normalize: Literal["none", "channel"] = "none"
+    # the stream's first task (edgecl.nets.norm), so it takes raw sensor values. "auto": channel
+    # for inputs shaped [channels, steps] (sensor windows), none for anything else (images).
+    normalize: Literal["auto", "none", "channel"] = "auto"
     head: Literal["auto", "shared", "per_task"] = "auto"
     max_tasks: PositiveInt | None = None
     benchmark: BenchmarkConfig = BenchmarkConfig()

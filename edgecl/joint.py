@@ -35,7 +35,7 @@ def joint_training(cfg: Config, bench: Benchmark, epochs: int = 5) -> dict[str, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = build_task_net(cfg.net, spec.input_shape, spec.n_classes, n_heads,
-                             normalize=cfg.normalize).to(device)
+                             normalize=spec.config.normalize).to(device)
     for norm in (m for m in net.modules() if isinstance(m, InputNorm)):
         for task in bench.tasks:
             norm.update(task.x_train.to(device))

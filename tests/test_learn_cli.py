@@ -4,6 +4,7 @@
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,3 +129,13 @@ def test_systemd_hears_ready_once_the_daemon_is_ready(tmp_path):
             assert proc.wait(60) == 0
         finally:
             proc.kill()
+
+
+def test_a_daemon_that_cannot_listen_leaves_no_trace_in_its_state_dir(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(cli("learn", "--state-dir", str(tmp_path / "state"), "--port", str(port)),
+                       f"cannot listen on 127.0.0.1:{port}")
+    assert not (tmp_path / "state").exists()

@@ -120,6 +120,9 @@ class Learning:
         self.pending: list[Piece] = []
         self.pending_task: str | None = None
         self.pending_train = 0
+        # per task, the least and greatest input value of every sample taken: the range its
+        # exported model states, which serve's input guard holds requests to
+        self.ranges: dict[str, tuple[float, float]] = {}
         self._consolidated: list[str] = []  # by the chunk being taken
         if state is not None:
             self.load_state_dict(state)
@@ -192,6 +195,8 @@ class Learning:
             y = np.concatenate([p.y for p in pieces])
             held = np.concatenate([p.held for p in pieces])
         x = x.reshape(-1, *self.schema.input_shape)
+        low, high = self.ranges.get(task, (float("inf"), float("-inf")))
+        self.ranges[task] = (min(low, float(x.min())), max(high, float(x.max())))
         any_held = held.any()
         if any_held:
             self.holdout.add(task, x[held], y[held])
@@ -231,7 +236,8 @@ class Learning:
                 "applied": self.applied, "holdout": self.holdout.state_dict(),
                 "accuracy_now": dict(self.accuracy_now),
                 "accuracy_learned": dict(self.accuracy_learned),
-                "rows": {k: dict(v) for k, v in self.rows.items()}}
+                "rows": {k: dict(v) for k, v in self.rows.items()},
+                "ranges": {k: list(v) for k, v in self.ranges.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.offset, self.learned = state["offset"], state["learned"]
@@ -241,6 +247,8 @@ class Learning:
         self.accuracy_now = dict(state["accuracy_now"])
         self.accuracy_learned = dict(state["accuracy_learned"])
         self.rows = {k: dict(v) for k, v in state["rows"].items()}
+        # checkpoints from before ranges were kept have none: the next sample starts them
+        self.ranges = {k: (float(v[0]), float(v[1])) for k, v in state.get("ranges", {}).items()}
         self.pending, self.pending_task, self.pending_train = [], None, 0
 
 

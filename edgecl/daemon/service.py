@@ -41,16 +41,18 @@ class LearnService:
     """A daemon behind its listeners. `start()`/`stop()` for embedding (tests, benchmarks);
     `run()` for a process: until SIGTERM/SIGINT or the learning thread's end."""
 
-    def __init__(self, daemon: Daemon, listeners: Listeners) -> None:
-        """Bind every listener; on failure (ListenError, OSError, ValueError) the daemon is
-        stopped and the error raised."""
+    def __init__(self, daemon: Daemon, listeners: Listeners,
+                 http: HTTPServer | None = None) -> None:
+        """Bind every listener (the HTTP one unless `http` is bound already, for `daemon`'s
+        app); on failure (ListenError, OSError, ValueError) the daemon is stopped and the
+        error raised."""
         self.daemon = daemon
         self.listeners = listeners
         self.sources: list[Any] = []
         try:
-            self.http = HTTPServer(IngestApp(daemon, listeners.token), listeners.host,
-                                   listeners.port, listeners.tls)
-            if listeners.socket:
+            self.http = http or HTTPServer(IngestApp(daemon, listeners.token), listeners.host,
+                                           listeners.port, listeners.tls)
+            if listeners.socket:  # after the state dir's lock: a stale socket file is ours
                 self.sources.append(SocketSource(daemon, listeners.socket))
             if listeners.mqtt:
                 from edgecl.daemon.mqtt import MqttSource  # paho loads only when asked for
@@ -67,13 +69,21 @@ class LearnService:
              listeners: Listeners) -> LearnService:
         """The daemon of `state_dir` (restored, not yet learning) behind `listeners`; raises
         ConfigError or DaemonError for the config and state dir, ListenError, OSError or
-        ValueError for a listener."""
+        ValueError for a listener. The port is bound first: a daemon that cannot listen
+        leaves no trace in the state dir."""
+        app = _LateApp()
+        http = HTTPServer(app, listeners.host, listeners.port, listeners.tls)
         try:
             daemon = Daemon(cfg, state_dir, repo)
         except OSError as e:
+            http.socket.close()
             raise DaemonError(f"{state_dir}: cannot use the state dir ({e.strerror or e})"
                               ) from None
-        return cls(daemon, listeners)
+        except BaseException:
+            http.socket.close()
+            raise
+        app.app = IngestApp(daemon, listeners.token)
+        return cls(daemon, listeners, http)
 
     @property
     def url(self) -> str:
@@ -111,3 +121,13 @@ class LearnService:
         systemd.notify("STOPPING=1")
         self.stop()
         return self.stop_requested.is_set()
+
+
+class _LateApp:
+    """The HTTP app, given once the daemon exists: the port is bound before the state dir is
+    touched, and nothing is served before `start()`."""
+
+    app: IngestApp
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)

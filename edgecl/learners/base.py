@@ -4,13 +4,21 @@ A learner sees `(x, y, task)` mini-batches once, in order (`observe`), consolida
 ends (`end_task`, also triggered by a task switch), predicts per task, and hands out the dense
 per-task network for export (`task_module`). Task ids are strings mapped to slots < max_tasks.
 All randomness after initialisation comes from `self.rng`, which is saved in `state_dict()`.
+
+No non-finite step is applied: every method steps through `Learner.step`, which leaves the
+weights and the optimiser's state as they were when the step's loss, its gradients or the new
+weights would not be finite, and counts the step (`nonfinite_steps`). A learner whose last
+`MAX_NONFINITE_STREAK` steps were all skipped, or whose weights are not finite when a task ends,
+raises `LearnerDiverged`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +34,29 @@ from edgecl.nets import build_task_net
 from edgecl.nets.norm import InputNorm
 
 HeadMode = Literal["shared", "per_task"]
+
+log = logging.getLogger("edgecl.learners")
+
+# Steps in a row that may be skipped as non-finite before the learner gives up (LearnerDiverged).
+MAX_NONFINITE_STREAK = 100
+# `Learner.step`'s fast path: when the loss and every gradient, weight and optimiser-state tensor
+# have an L2 norm below this, and lr, momentum and weight decay are finite and at most
+# SAFE_HYPERPARAMETER, an SGD or Adam step provably lands on finite weights and state (the
+# largest value it can reach is about 1e36, far below float32's 3.4e38), so it is applied
+# without a copy to roll back to.
+SAFE_MAGNITUDE = 1e15
+SAFE_HYPERPARAMETER = 1e3
+
+
+class LearnerDiverged(RuntimeError):
+    """The learner cannot recover: its last `MAX_NONFINITE_STREAK` steps were all skipped as
+    non-finite, or its weights are not finite at the end of a task. `task` names the task,
+    `skipped` counts the steps skipped so far in all."""
+
+    def __init__(self, message: str, task: str, skipped: int) -> None:
+        super().__init__(message)
+        self.task = task
+        self.skipped = skipped
 
 
 class NoParams(BaseModel):
@@ -44,6 +75,14 @@ class LearnerSpec:
     head: HeadMode
     max_tasks: int
 
+    def __post_init__(self) -> None:
+        # `normalize: auto` decided for the data: sensor windows [channels, steps] are
+        # standardised per channel by the model itself; anything else is taken as it is
+        if self.config.normalize == "auto":
+            normalize = "channel" if len(self.input_shape) == 2 else "none"
+            object.__setattr__(self, "config",
+                               self.config.model_copy(update={"normalize": normalize}))
+
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.model_dump(mode="json"),
                 "input_shape": list(self.input_shape), "n_classes": self.n_classes,
@@ -58,9 +97,11 @@ class LearnerSpec:
 
 @dataclass
 class StepStats:
-    """What one `observe` step did. `loss` stays a tensor: reading it would sync a GPU."""
+    """What one `observe` step did. `loss` stays a tensor: reading it would sync a GPU.
+    `skipped`: the step was not applied, its loss, gradients or new weights not being finite."""
 
     loss: torch.Tensor
+    skipped: bool = False
 
 
 @dataclass
@@ -118,6 +159,18 @@ def tensor_bytes(obj: Any) -> int:
         storage = t.untyped_storage()
         storages[(storage.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor of `named` holding a NaN or an infinity, or
+    None when every one is finite (one device sync)."""
+    named = [(name, t) for name, t in named if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([t.detach().isfinite().all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int(finite.logical_not().nonzero()[0])][0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,6 +252,10 @@ class Learner(ABC):
         self.task_ids: list[str] = []
         self.open_task: str | None = None
         self.counters: dict[str, int] = {}  # method events worth reporting (e.g. QP fallbacks)
+        self._skip_reason: str | None = None  # why `step` skipped this observe's step, if it did
+        self._weight_bound: float | None = None  # see `step`
+        self._weight_versions: list[int] = []
+        self._nonfinite_logged: set[str] = set()  # tasks whose first skipped step was logged
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.net = self.build_net().to(self.device)
@@ -288,15 +345,55 @@ class Learner(ABC):
             self.begin_task(self.register_task(task))
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        fitting = [(norm, [b.clone() for b in norm.buffers()]) for norm in self.fitting_norms]
         for norm in self.fitting_norms:
             norm.update(x)
-        return self.learn(x, y, self.slot(task))
+        self._skip_reason = None
+        stats = self.learn(x, y, self.slot(task))
+        if self._skip_reason is None:
+            self.counters.pop("nonfinite_streak", None)
+            return stats
+        for norm, saved in fitting:  # a skipped step leaves the input statistics alone too
+            for b, old in zip(norm.buffers(), saved, strict=True):
+                b.copy_(old)
+        stats.skipped = True
+        self.step_skipped(task, self._skip_reason)
+        return stats
+
+    def step_skipped(self, task: str, reason: str) -> None:
+        """Count a step of `task` that `step` skipped (logged the first time per task); raise
+        LearnerDiverged once the last MAX_NONFINITE_STREAK steps were all skipped."""
+        self.count("nonfinite_steps")
+        self.count("nonfinite_streak")
+        skipped, streak = self.counters["nonfinite_steps"], self.counters["nonfinite_streak"]
+        if task not in self._nonfinite_logged:
+            self._nonfinite_logged.add(task)
+            log.warning("task %r: a training step was skipped: its %s not finite; the weights "
+                        "stay as they were (%d step(s) skipped so far; further skips in this "
+                        "task are counted, not logged)", task, reason, skipped)
+        if streak >= MAX_NONFINITE_STREAK:
+            raise LearnerDiverged(
+                f"the learner diverged on task {task!r}: its last {streak} steps were all "
+                f"skipped, their loss, gradients or new weights not being finite ({skipped} "
+                "skipped in all); lower the learning rate, or standardise the inputs "
+                "(normalize: channel)", task, skipped)
+
+    def nonfinite_weight(self) -> str | None:
+        """The name of the first parameter or buffer of the net that is not finite, or None."""
+        return first_nonfinite([*self.net.named_parameters(), *self.net.named_buffers()])
 
     def end_task(self, task: str) -> None:
         """Consolidate `task` if it is the open one; a known task that is already closed is left
-        alone, an unknown id raises KeyError."""
+        alone, an unknown id raises KeyError. Weights that are not finite at the end of the task
+        raise LearnerDiverged, before anything is consolidated."""
         slot = self.slot(task)
         if task == self.open_task:
+            bad = self.nonfinite_weight()
+            if bad is not None:
+                skipped = self.counters.get("nonfinite_steps", 0)
+                raise LearnerDiverged(
+                    f"the learner diverged on task {task!r}: its weight {bad} is not finite at "
+                    f"the end of the task ({skipped} step(s) skipped in all)", task, skipped)
             for norm in self.fitting_norms:  # the first task fixes the input statistics
                 norm.freeze()
             self.fitting_norms = []
@@ -343,9 +440,12 @@ class Learner(ABC):
             self.memory.load_state_dict(d["memory"])
         self.load_method_state(d["method"])
         self.counters = dict(d["counters"])
+        self._weight_bound = None
 
     def stats(self) -> dict[str, Any]:
-        """Counts of method events so far, for result.json."""
+        """Counts of method events so far (only those that happened), for result.json; among
+        them `nonfinite_steps`, the steps `step` skipped, and `nonfinite_streak`, how many of
+        the latest steps in a row were skipped (present while a streak lasts)."""
         return dict(self.counters)
 
     def count(self, event: str, n: int = 1) -> None:
@@ -372,5 +472,86 @@ class Learner(ABC):
         zero_grad(self.optimizer)
         loss = F.cross_entropy(self.forward(x, slot), y)
         loss.backward()
-        optimizer_step(self.optimizer)
+        self.step(loss)
         return StepStats(loss.detach())
+
+    @torch.no_grad()
+    def step(self, loss: torch.Tensor, apply: Callable[[], Any] | None = None) -> bool:
+        """Apply the optimiser step for the gradients in `.grad` (those of `loss`), unless it is
+        not finite; returns whether it was applied. `apply` takes the step (default:
+        `optimizer_step(self.optimizer)`). Every method steps through here.
+
+        A step is skipped, changing neither the weights nor the optimiser's state, when the loss
+        or a gradient is not finite or when a weight or optimiser-state value it writes would not
+        be (`observe` then counts it). The decision depends on the values alone, never on timing,
+        so a stream always gives the same skips.
+
+        The usual step pays for one fused reduction and one device sync: the largest L2 norm
+        among the loss, the gradients and the weights and optimiser state. Under plain SGD the
+        weights' norm is not recomputed at every step: a bound on it is carried forward (each
+        step adds at most lr times the gradients' norm) until a weight is written outside a
+        step (tensor versions tell). Below SAFE_MAGNITUDE, with lr, momentum and weight decay
+        at most SAFE_HYPERPARAMETER, the step cannot overflow and is applied as is. Anything
+        else (a divergence under way, a huge learning rate) takes `_checked_step`: each tensor
+        checked exactly, the step applied with a copy to roll back to.
+        """
+        apply = apply or (lambda: optimizer_step(self.optimizer))
+        opt = self.optimizer
+        weights = [p for group in opt.param_groups for p in group["params"]]
+        params = [p for p in weights if p.grad is not None]
+        if not params:
+            apply()
+            return True
+        plain = is_plain_sgd(opt)
+        versions = [p._version for p in weights]
+        grads = torch.stack([loss.detach().abs(), *torch._foreach_norm([p.grad for p in params])])
+        if plain and self._weight_bound is not None and versions == self._weight_versions:
+            largest_grad, largest_weight = grads.max().item(), self._weight_bound
+        else:
+            state = [v for p in params for v in opt.state.get(p, {}).values()
+                     if isinstance(v, torch.Tensor) and v.shape == p.shape]
+            held = torch.stack(torch._foreach_norm(weights + state)).max()
+            largest_grad, largest_weight = torch.stack([grads.max(), held]).tolist()
+        sane = all(math.isfinite(v) and 0 <= v <= SAFE_HYPERPARAMETER
+                   for group in opt.param_groups
+                   for v in (group["lr"], group.get("momentum", 0), group.get("weight_decay", 0)))
+        if not (largest_grad < SAFE_MAGNITUDE and largest_weight < SAFE_MAGNITUDE and sane):
+            return self._checked_step(loss, params, apply)
+        apply()
+        self._weight_bound = None
+        if plain:
+            lr = max(group["lr"] for group in opt.param_groups)
+            self._weight_bound = largest_weight + lr * largest_grad
+            self._weight_versions = [p._version for p in weights]
+        return True
+
+    def _checked_step(self, loss: torch.Tensor, params: list[nn.Parameter],
+                      apply: Callable[[], Any]) -> bool:
+        """`step` for a step that might not be finite: checked tensor by tensor, and rolled back
+        (weights and optimiser state of `params`) if what it wrote is not finite."""
+        self._weight_bound = None
+        opt = self.optimizer
+        if not bool(loss.detach().isfinite()):
+            self._skip_reason = "loss was"
+            return False
+        if first_nonfinite((str(i), p.grad) for i, p in enumerate(params)) is not None:
+            self._skip_reason = "gradients were"
+            return False
+        weights = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                     for k, v in opt.state[p].items()} for p in params if p in opt.state}
+        apply()
+        written = [(str(i), p) for i, p in enumerate(params)] + [
+            (k, v) for p in params for k, v in opt.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor)]
+        if first_nonfinite(written) is None:
+            return True
+        for p, old in zip(params, weights, strict=True):
+            p.copy_(old)
+        for p in params:
+            if p in state:
+                opt.state[p] = state[p]
+            else:
+                opt.state.pop(p, None)
+        self._skip_reason = "new weights were"
+        return False

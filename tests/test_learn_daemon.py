@@ -270,7 +270,7 @@ def test_an_end_repeated_is_answered_without_a_second_end_or_consolidation(tmp_p
         post_task(server, "site-a", 30)
         first = call(server, "POST", "/v1/tasks/site-a/end", {"samples": 30})[1]
         again = call(server, "POST", "/v1/tasks/site-a/end", {"samples": 30})[1]
-        bare = call(server, "POST", "/v1/samples", {"end_task": "site-a"})[1]
+        bare = call(server, "POST", "/v1/samples", {"end_task": "site-a", "samples": 30})[1]
         assert first == {"first_seq": 31, "count": 1}
         assert again == bare == {"first_seq": 31, "count": 1, "duplicate": True}
         post_task(server, "site-a", 10, index=1)  # the task goes on: a new end is a new one

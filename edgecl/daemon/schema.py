@@ -114,7 +114,8 @@ def json_records(body: bytes) -> list[Any]:
         raise SampleError("empty body: send a sample, {\"samples\": [...]} or NDJSON lines")
     docs = [_json(line, f"line {i + 1}" if len(lines) > 1 else "body")
             for i, line in enumerate(lines)]
-    if len(docs) == 1 and isinstance(docs[0], dict) and "samples" in docs[0]:
+    if len(docs) == 1 and isinstance(docs[0], dict) and "samples" in docs[0] \
+            and "end_task" not in docs[0]:  # an end's "samples" is a count
         if set(docs[0]) != {"samples"} or not isinstance(docs[0]["samples"], list):
             raise SampleError('a batch is {"samples": [sample, ...]} and nothing else')
         return docs[0]["samples"]

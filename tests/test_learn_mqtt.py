@@ -143,17 +143,20 @@ def test_invalid_messages_are_rejected_and_reported(daemon: Daemon, source: Any,
     client.publish(topic, orjson.dumps(sample(x=[1, 2, 3])))  # wrong shape
     client.publish(topic, orjson.dumps(sample(y="zebra")))  # unknown class
     client.publish(topic, b"{not json")
+    poisoned = orjson.dumps({"task": "t1", "y": [0], "dtype": []}) + b"\n" + bytes(16)
+    client.publish(topic, poisoned, BINARY_TYPE)  # was a TypeError, never acked: a stuck queue
     for task in ("t1", "t2", "t3", "t4"):  # t4 is beyond max_tasks=3: refused at the journal
         client.publish(topic, orjson.dumps(sample(task=task)))
-    reports = [client.received.get(timeout=TIMEOUT_S) for _ in range(4)]
-    assert [r["topic"] for r in reports] == [topic] * 4
+    reports = [client.received.get(timeout=TIMEOUT_S) for _ in range(5)]
+    assert [r["topic"] for r in reports] == [topic] * 5
     assert all(isinstance(r["mid"], int) for r in reports)
     assert "sample.x" in reports[0]["error"] and "4 numbers" in reports[0]["error"]
-    assert "sample.y" in reports[1]["error"] and "'zebra'" in reports[1]["error"]
+    assert "'zebra' is not a class of task" in reports[1]["error"]
     assert "malformed JSON" in reports[2]["error"]
-    assert "max_tasks" in reports[3]["error"] and reports[3]["status"] == 409
+    assert "dtype []" in reports[3]["error"] and reports[3]["status"] == 400
+    assert "max_tasks" in reports[4]["error"] and reports[4]["status"] == 409
     wait_for(lambda: accepted(daemon) == 3, "the 3 valid samples journaled")
-    assert daemon.status()["rejected"] == 4
+    assert daemon.status()["rejected"] == 5
     assert set(daemon.status()["tasks"]) == {"t1", "t2", "t3"}
 
 

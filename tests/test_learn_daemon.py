@@ -311,3 +311,45 @@ def test_the_client_reads_the_schema_and_refuses_a_transposed_window_or_an_unkno
             client.send_many("a", x, ["walk", "sit"])  # names, in the binary form
         wait_learned(daemon, 2)
         assert daemon.status()["accepted"] == 2 and daemon.status()["rejected"] == 0
+
+
+def test_a_socket_flood_is_bounded_and_idle_connections_are_closed(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(SocketSource, "max_connections", 8)
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    path = tmp_path / "ingest.sock"
+    source = SocketSource(daemon, path)
+    source.start()
+    daemon.start()
+
+    def half_a_line() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        sock.sendall(b'{"task": "a", "x": [')
+        return sock
+
+    try:
+        flood = [half_a_line() for _ in range(12)]  # 8 slots, a minute's idle timeout
+        for sock in flood[8:]:
+            answer = orjson.loads(sock.makefile("rb").readline())
+            assert answer["status"] == 503 and "8 connections are open" in answer["error"]
+        assert source.refused == 4 and source.active == 8
+        for sock in flood:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while source.active:  # the server sees them gone: every slot free again
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        monkeypatch.setattr(SocketSource, "idle_timeout_s", 0.3)
+        with half_a_line() as idle:
+            answer = orjson.loads(idle.makefile("rb").readline())
+        assert answer["status"] == 408 and source.timed_out == 1
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            x, y = task_samples(0, 1)
+            sock.sendall(orjson.dumps(records("a", x, y)[0]) + b"\n")
+            assert orjson.loads(sock.makefile("rb").readline()) == {"first_seq": 1, "count": 1}
+    finally:
+        source.stop()
+        daemon.stop()

@@ -22,6 +22,8 @@ import orjson
 from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
 
 log = logging.getLogger("edgecl.learn")
+MAX_CONNECTIONS = 64  # beyond it a connection gets one 503 line and is closed
+IDLE_TIMEOUT_S = 60.0  # a connection that sends nothing for this long is closed
 
 
 def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
@@ -38,10 +40,21 @@ def answer(daemon: Daemon, line: bytes) -> dict[str, Any]:
 class _Handler(socketserver.StreamRequestHandler):
     server: SocketSource
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout_s  # StreamRequestHandler sets it on the socket
+        super().setup()
+
     def handle(self) -> None:
         limit = self.server.max_line_bytes
         while True:
-            line = self.rfile.readline(limit + 1)
+            try:
+                line = self.rfile.readline(limit + 1)
+            except TimeoutError:
+                self.server.timed_out += 1
+                with contextlib.suppress(OSError):
+                    self._reply({"error": f"nothing sent for {self.timeout:g} s; connection "
+                                          "closed", "status": 408})
+                return
             if not line:
                 return
             if len(line) > limit and not line.endswith(b"\n"):
@@ -59,10 +72,17 @@ class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """Serves NDJSON ingest on `path` (mode 0600: only the daemon's user may connect)."""
 
     daemon_threads = True
+    # what a connection flood costs: at most MAX_CONNECTIONS threads, each for IDLE_TIMEOUT_S
+    max_connections = MAX_CONNECTIONS
+    idle_timeout_s = IDLE_TIMEOUT_S
 
     def __init__(self, daemon: Daemon, path: Path) -> None:
         self.daemon = daemon
         self.path = path
+        self.active = 0  # connections being served
+        self.refused = 0  # connections turned away: every slot was taken
+        self.timed_out = 0  # connections closed for sending nothing
+        self._active_lock = threading.Lock()
         self.max_line_bytes = int(daemon.cfg.learn.max_body_mb * (1 << 20))
         if path.is_socket():  # a stale socket of an earlier run: the state dir lock is ours
             path.unlink()
@@ -79,6 +99,30 @@ class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def start(self) -> None:
         self._thread.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self.active >= self.max_connections
+            self.active += not full
+        if full:
+            self.refused += 1
+            if self.refused % 100 == 1:
+                log.warning("unix socket: %d connections open, %d turned away so far",
+                            self.max_connections, self.refused)
+            with contextlib.suppress(OSError):
+                request.sendall(orjson.dumps({
+                    "error": f"{self.max_connections} connections are open; try again later",
+                    "status": 503, "retry_after": 1}) + b"\n")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self.active -= 1
 
     def stop(self) -> None:
         if self._thread.is_alive():

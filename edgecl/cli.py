@@ -582,4 +582,7 @@ def _read_token(path: Path) -> str:
         fail(f"{path}: the token file is not UTF-8 text")
     if not token:
         fail(f"{path}: the token file is empty")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        say(f"warning: {path} is readable by others (mode {mode:o}); chmod 600 it")
     return token

@@ -139,3 +139,14 @@ def test_a_daemon_that_cannot_listen_leaves_no_trace_in_its_state_dir(tmp_path):
         one_line_error(cli("learn", "--state-dir", str(tmp_path / "state"), "--port", str(port)),
                        f"cannot listen on 127.0.0.1:{port}")
     assert not (tmp_path / "state").exists()
+
+
+def test_a_token_file_others_can_read_is_warned_about(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o644)
+    r = cli("replay", "embedded:nope", "--token-file", str(token))
+    assert "readable by others (mode 644); chmod 600 it" in r.output
+    token.chmod(0o600)
+    assert "readable by others" not in cli("replay", "embedded:nope", "--token-file",
+                                           str(token)).output

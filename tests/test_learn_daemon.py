@@ -353,3 +353,38 @@ def test_a_socket_flood_is_bounded_and_idle_connections_are_closed(tmp_path, mon
     finally:
         source.stop()
         daemon.stop()
+
+
+def test_a_state_dir_removed_while_running_stops_ingest_instead_of_acknowledging(tmp_path):
+    import shutil
+
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server:
+        assert post_task(server, "site-a", 10)[0] == 202
+        wait_learned(daemon, 10)
+        shutil.rmtree(tmp_path / "state")
+        status, body, _ = post_task(server, "site-a", 10, index=1)
+        assert status == 503 and "removed or replaced" in body["error"]
+        assert post_task(server, "site-a", 10, index=2)[0] == 503  # for good
+        deadline = time.monotonic() + 30
+        while daemon.alive:  # the learning thread stops: the process exits, systemd restarts
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "removed or replaced" in daemon.status()["journal"]["gone"]
+    assert not (tmp_path / "state").exists()  # no checkpoint recreated it
+
+
+def test_the_state_dir_is_private_and_a_lock_symlink_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    Daemon(stream_config(), shared).stop()
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(shared / "lock").st_mode) == 0o600
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    state = tmp_path / "trap"
+    state.mkdir(mode=0o700)
+    (state / "lock").symlink_to(victim)
+    with pytest.raises(DaemonError, match="symbolic link"):
+        Daemon(stream_config(), state)
+    assert victim.read_text() == "keep me"

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,14 @@ from typing import Any, TypeVar
 from edgecl import __version__
 from edgecl.config import Config
 from edgecl.daemon.checkpoints import CheckpointStore
-from edgecl.daemon.journal import FLUSH, JOURNAL_RETRY_S, Appended, Journal, JournalError
+from edgecl.daemon.journal import (
+    FLUSH,
+    JOURNAL_RETRY_S,
+    Appended,
+    Journal,
+    JournalError,
+    JournalGone,
+)
 from edgecl.daemon.loop import Learning
 from edgecl.daemon.publisher import Publisher
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
@@ -62,9 +71,31 @@ class Refusal:
 ADMISSION_ERRORS = (SampleError, Backpressure, JournalError)
 
 
+def private_state_dir(state_dir: Path) -> None:
+    """Create `state_dir` (mode 0700: the journal holds every sample), or check that the one
+    there is a folder of this user, and take group and other access away from it."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.stat(state_dir, follow_symlinks=False)
+    if not stat.S_ISDIR(info.st_mode):
+        raise DaemonError(f"{state_dir}: not a folder (a symbolic link is refused)")
+    if info.st_uid != os.geteuid():
+        raise DaemonError(f"{state_dir}: owned by uid {info.st_uid}, not this user "
+                          f"({os.geteuid()}); use a state dir of your own")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        log.warning("%s: others could read the journal (mode %o); it is made 0700", state_dir,
+                    stat.S_IMODE(info.st_mode))
+        os.chmod(state_dir, 0o700)
+
+
 def lock_state_dir(state_dir: Path) -> int:
-    """An exclusive lock on `state_dir/lock`, held until the process ends or it is closed."""
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """An exclusive lock on `state_dir/lock`, held until the process ends or it is closed (a
+    `lock` that is a symbolic link is refused, not followed)."""
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DaemonError(f"{state_dir / 'lock'}: a symbolic link; remove it") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -94,7 +125,7 @@ class Daemon:
         self.cfg = cfg
         self.schema: SampleSchema = stream_schema(cfg)
         self.spec = stream_learner_spec(cfg, self.schema)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_state_dir(state_dir)
         self.state_dir = state_dir
         self._lock_fd = lock_state_dir(state_dir)
         self.journal = Journal(state_dir / "journal.sqlite3", self.schema.max_tasks)
@@ -202,6 +233,8 @@ class Daemon:
             return Refusal(error.status, str(error))
         if isinstance(error, Backpressure):
             return Refusal(429, str(error), error.retry_after_s)
+        if isinstance(error, JournalGone):
+            return Refusal(503, str(error), JOURNAL_RETRY_S)
         if isinstance(error, JournalError):
             return Refusal(507, str(error), JOURNAL_RETRY_S)
         raise TypeError(f"not an admission error: {error!r}") from error
@@ -216,8 +249,13 @@ class Daemon:
         return future
 
     def checkpoint(self) -> dict[str, Any]:
-        """Checkpoint now (on the learning thread)."""
-        self._save_checkpoint(self.learning, force=True)
+        """Checkpoint now (on the learning thread); a failure is counted and refused (507)."""
+        try:
+            self._save_checkpoint(self.learning, force=True)
+        except OSError as e:
+            self.checkpoint_failures += 1
+            log.error("checkpoint failed: %s", e)
+            raise SampleError(f"the checkpoint could not be written: {e}", 507) from None
         return self.last_checkpoint or {}
 
     def evaluate(self) -> dict[str, float]:
@@ -243,6 +281,8 @@ class Daemon:
         last_checkpoint_s, last_checkpoint_learned = time.monotonic(), self.learning.learned
         last_record_s, flushed_at = time.monotonic(), -1
         while not self._stop.is_set():
+            if self.journal.gone:  # nothing is learned or checkpointed into a state dir not ours
+                raise DaemonError(self.journal.gone)
             self._run_calls()
             chunks = self.journal.read(self.learning.read_seq, READ_CHUNK)
             for chunk in chunks:
@@ -340,6 +380,7 @@ class Daemon:
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
                         "lag": self.lag(), "pending": len(learning.pending),
                         "damage": self.journal.damage, "write_failures": self.journal.failures,
+                        "gone": self.journal.gone,
                         "last_error": self.journal.last_error},
             "open_task": learning.learner.open_task, "tasks": tasks,
             "method": self.cfg.method.name, "device": str(learning.learner.device),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import struct
@@ -141,6 +142,8 @@ class Journal:
             self.damage = salvage(path, problem)
         self._writer_db = connect(path)
         self._writer_db.executescript(SCHEMA)
+        self._identity = _identity(path)  # the file every commit must still be going into
+        self.gone: str | None = None  # why the journal's file is no longer ours, once it is not
         if "crc" not in {r[1] for r in self._writer_db.execute("PRAGMA table_info(chunks)")}:
             self._writer_db.execute("ALTER TABLE chunks ADD COLUMN crc INTEGER")  # older journal
         self._reader_db = connect(path)
@@ -214,7 +217,7 @@ class Journal:
             except SampleError as e:
                 state.done.append((item, e))
         self._settle_waiting(state)
-        if state.rows:
+        if state.rows and self._still_ours(state):
             self._write(state)
         for item, result in state.done:
             if isinstance(result, Exception):
@@ -250,6 +253,20 @@ class Journal:
             else:
                 still.append(item)
         self._waiting = still
+
+    def _still_ours(self, state: _Pending) -> bool:
+        """Whether the journal's path still names the file being written; once it does not
+        (the state dir removed, or the file replaced), every append is refused for good: a
+        commit into an unlinked file would acknowledge samples nobody will ever read."""
+        if self.gone is None and _identity(self.path) != self._identity:
+            self.gone = (f"{self.path} was removed or replaced while edgecl learn ran; ingest "
+                         "stopped: restart edgecl learn")
+            log.error("%s", self.gone)
+        if self.gone is None:
+            return True
+        state.done = [(item, JournalGone(self.gone) if isinstance(r, Appended) and not r.duplicate
+                       else r) for item, r in state.done]
+        return False
 
     def _write(self, state: _Pending) -> None:
         """Commit `state`'s rows; on a storage error, every append in it is refused."""
@@ -403,6 +420,19 @@ JOURNAL_RETRY_S = 5  # what ingest tells a client to wait after a JournalError
 
 class JournalError(OSError):
     """The journal could not be written (disk full, I/O error): nothing was accepted."""
+
+
+class JournalGone(JournalError):
+    """The journal's file was removed or replaced under the daemon: nothing is accepted again."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 class JournalCorrupt(Exception):

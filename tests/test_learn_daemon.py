@@ -388,3 +388,52 @@ def test_the_state_dir_is_private_and_a_lock_symlink_is_refused(tmp_path):
     with pytest.raises(DaemonError, match="symbolic link"):
         Daemon(stream_config(), state)
     assert victim.read_text() == "keep me"
+
+
+def test_a_request_sent_again_with_its_id_is_journaled_once(tmp_path):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    x, y = task_samples(0, 5)
+    batch = {"samples": records("site-a", x, y), "request_id": "req-1"}
+    binary = (orjson.dumps({"task": "site-a", "y": y.tolist(), "request_id": "req-2"}) + b"\n"
+              + x.astype("<f4").tobytes())
+    with running(daemon) as server:
+        first = call(server, "POST", "/v1/samples", batch)[1]
+        again = call(server, "POST", "/v1/samples", batch)[1]
+        assert first == {"first_seq": 1, "count": 5}
+        assert again == {"first_seq": 1, "count": 5, "duplicate": True}
+        headers = {"Content-Type": BINARY_TYPE}
+        assert call(server, "POST", "/v1/samples", binary, headers)[1]["first_seq"] == 6
+        assert call(server, "POST", "/v1/samples", binary, headers)[1]["duplicate"]
+        keyed = {"Idempotency-Key": "req-3"}
+        one = {"samples": records("site-a", x[:1], y[:1])}
+        assert call(server, "POST", "/v1/samples", one, keyed)[1] == {"first_seq": 11, "count": 1}
+        assert call(server, "POST", "/v1/samples", one, keyed)[1]["duplicate"]
+        status, body, _ = call(server, "POST", "/v1/samples", batch, {"Idempotency-Key": "other"})
+        assert status == 400 and "differ" in body["error"]
+        wait_learned(daemon, 11)
+        assert daemon.status()["accepted"] == 11
+    again = Daemon(stream_config(), tmp_path / "state")  # ids survive a restart
+    with running(again) as server:
+        assert call(server, "POST", "/v1/samples", batch)[1]["duplicate"]
+        assert again.status()["accepted"] == 11
+
+
+def test_the_client_sends_a_request_again_when_its_answer_is_lost_and_it_counts_once(
+        tmp_path, monkeypatch):
+    daemon = Daemon(stream_config(), tmp_path / "state")
+    with running(daemon) as server, LearnClient(server.url, batch=5) as client:
+        client.schema()
+        conn = client._conn
+        answer = conn.getresponse
+
+        def lost_once():
+            conn.getresponse = answer  # the next one gets through
+            answer().read()  # the daemon journaled it and answered; the answer never arrives
+            raise ConnectionResetError("connection reset by peer")
+
+        monkeypatch.setattr(conn, "getresponse", lost_once)
+        x, y = task_samples(0, 5)
+        client.send_many("site-a", x, y)
+        assert client.reconnects == 1 and client.sent == 5
+        wait_learned(daemon, 5)
+        assert daemon.status()["accepted"] == 5  # journaled once

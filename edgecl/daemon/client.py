@@ -12,14 +12,18 @@ form, which states their shape. Before the first, the client reads the daemon's 
 (GET /v1/schema) and refuses, with a ValueError saying what the daemon expects, an input of
 another shape (a window [steps, channels] sent to a daemon that reads [channels, steps] is not
 silently flattened into the wrong one) or a class name the task does not have. A 429 (the
-learner lags) is waited out and sent again: nothing of a refused request was accepted. A
-connection lost mid-request is an error, not retried: the daemon may have journaled it already.
-Not thread-safe: one per thread.
+learner lags) is waited out and sent again: nothing of a refused request was accepted. Every
+request carries an id (`request_id`), so one whose connection was lost mid-request is sent
+again (LOST_RETRIES times) without risk: the daemon answers a request it journaled already
+with its first answer, so each sample is journaled exactly once end to end. Not thread-safe:
+one per thread.
 """
 
 from __future__ import annotations
 
+import http.client
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,7 @@ from edgecl.httpclient import StatusError, connection, error_message
 
 Label = int | str
 IDLE_S = 50.0  # the daemon closes keep-alive connections idle for 60 s: reconnect before that
+LOST_RETRIES = 3  # a request whose connection was lost is sent again this many times
 
 
 class LearnError(StatusError):
@@ -51,6 +56,7 @@ class LearnClient:
         self.sent = 0  # samples acknowledged
         self.acknowledged: dict[str, int] = {}  # per task
         self.retries = 0  # requests sent again after a 429
+        self.reconnects = 0  # requests sent again after a lost connection
 
     def send(self, task: str, x: Any, y: Label) -> None:
         """Buffer one sample (`x` in the daemon's input shape, `y` a label index or one of the
@@ -79,7 +85,7 @@ class LearnClient:
         task, x, y = self._task, np.stack(self._x), self._y
         self._x, self._y = [], []
         header = orjson.dumps({"task": task, "y": y, "dtype": "float32",
-                               "shape": list(x.shape[1:])})
+                               "shape": list(x.shape[1:]), "request_id": uuid.uuid4().hex})
         body = header + b"\n" + np.ascontiguousarray(x, dtype="<f4").tobytes()
         ack = self._request("POST", "/v1/samples", body, BINARY_TYPE)
         self.sent += ack["count"]
@@ -179,10 +185,7 @@ class LearnClient:
         if time.monotonic() - self._last_used > IDLE_S:
             self._conn.close()  # a request on a connection the server dropped could be lost
         while True:
-            self._conn.request(method, path, body, headers)
-            response = self._conn.getresponse()
-            raw = response.read()
-            self._last_used = time.monotonic()
+            response, raw = self._exchange(method, path, body, headers)
             if response.status != 429 or time.monotonic() > deadline:
                 break
             self.retries += 1
@@ -190,3 +193,23 @@ class LearnClient:
         if response.status >= 400:
             raise LearnError(response.status, error_message(response, raw))
         return orjson.loads(raw)
+
+    def _exchange(self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+                  ) -> tuple[http.client.HTTPResponse, bytes]:
+        """One request and its answer, sent again on a new connection if the connection was
+        lost (every request is safe to repeat: samples carry their id)."""
+        attempt = 0
+        while True:
+            try:
+                self._conn.request(method, path, body, headers)
+                response = self._conn.getresponse()
+                raw = response.read()
+                self._last_used = time.monotonic()
+                return response, raw
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                if attempt == LOST_RETRIES:
+                    raise
+                attempt += 1
+                self.reconnects += 1
+                time.sleep(0.1 * attempt)

@@ -1,7 +1,9 @@
 """The daemon's HTTP API (`edgecl.web`'s stack): ingest, control, status, metrics, OpenAPI.
 
 POST /v1/samples             JSON, NDJSON or the binary form (`edgecl.daemon.schema`) -> 202
-                             {"first_seq", "count"} once durable; 429 + Retry-After when the
+                             {"first_seq", "count"} once durable (an `Idempotency-Key` header
+                             or a request_id seen before: the first answer, "duplicate": true,
+                             nothing journaled again); 429 + Retry-After when the
                              learner lags; 4xx naming the field for a bad sample. An end of
                              task (`{"end_task", "samples"}`) is taken here too
 POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happens there), with
@@ -17,6 +19,7 @@ With a token every endpoint but /healthz needs `Authorization: Bearer <token>`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -29,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
 from edgecl.daemon.openapi import openapi
-from edgecl.daemon.schema import SampleError, end_body
+from edgecl.daemon.schema import EndTask, SampleError, Samples, check_request_id, end_body
 from edgecl.web import (
     Receive,
     RequestError,
@@ -104,6 +107,7 @@ class IngestApp:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             try:
                 message = await off_loop(body, lambda: d.parse(body, content_type))
+                message = with_idempotency_key(message, headers.get(b"idempotency-key"))
             except SampleError as e:
                 raise self._refused(e) from None
             return await self._accept(lambda: d.submit(message))
@@ -147,6 +151,18 @@ class IngestApp:
         except RuntimeError as e:
             raise RequestError(503, str(e)) from None
         return json_response(status, result)
+
+
+def with_idempotency_key(message: Samples | EndTask, key: bytes | None) -> Samples | EndTask:
+    """The samples with the request id an `Idempotency-Key` header gives (an end needs none:
+    a repeated end is answered as one already)."""
+    if key is None or isinstance(message, EndTask):
+        return message
+    request_id = check_request_id(key.decode("latin-1"), "Idempotency-Key")
+    if message.request_id not in (None, request_id):
+        raise SampleError(f"Idempotency-Key {request_id!r} and the body's request_id "
+                          f"{message.request_id!r} differ")
+    return dataclasses.replace(message, request_id=request_id)
 
 
 class DaemonCollector:

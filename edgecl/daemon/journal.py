@@ -14,6 +14,9 @@ LOST stands for `count` records that storage damage destroyed. An end that says 
 task's samples its sender had acknowledged waits, in the writer, until that many have been
 journaled (from any transport), so it can never overtake them; an end repeated with no sample of
 the task journaled since the last one is answered with that one's seq, journaling nothing.
+Likewise a request whose id (`Samples.request_id`) the journal holds is answered with its first
+answer, `duplicate` set: ids are kept as long as the request's samples are (until a checkpoint
+holds them and the journal before it is truncated).
 
 Damage: each row carries a CRC-32 of its fields, checked on every read. At open, SQLite's
 `quick_check` and every row's CRC are checked; a damaged journal is renamed `*.corrupt-<time>`,
@@ -54,6 +57,8 @@ CREATE TABLE IF NOT EXISTS tasks (name TEXT PRIMARY KEY, accepted INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS ends (task TEXT PRIMARY KEY, seq INTEGER NOT NULL,
                                  accepted INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, first_seq INTEGER NOT NULL,
+                                     count INTEGER NOT NULL);
 """
 END_POLL_S = 0.1  # how often the writer looks at waiting ends while nothing else arrives
 
@@ -156,6 +161,8 @@ class Journal:
         self.ended = {task: LastEnd(seq, n) for task, seq, n
                       in self._writer_db.execute("SELECT task, seq, accepted FROM ends")}
         self._waiting: list[_Append] = []  # ends waiting for their samples (writer thread)
+        self.requests = {key: (first, count) for key, first, count
+                         in self._writer_db.execute("SELECT id, first_seq, count FROM requests")}
         self._queue: queue.Queue[_Append | None] = queue.Queue()
         self._thread = threading.Thread(target=self._write_loop, name="edgecl-journal",
                                         daemon=True)
@@ -209,6 +216,8 @@ class Journal:
             try:
                 if item.kind == END:
                     self._end(item, state)
+                elif self._repeated(item, state):
+                    continue
                 else:
                     new_rows, counts = self._rows(item, state.seq, state.accepted)
                     for task, n in counts.items():
@@ -224,6 +233,17 @@ class Journal:
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
+
+    def _repeated(self, item: _Append, state: _Pending) -> bool:
+        """Answer a request journaled before under the same id with that first answer."""
+        key = item.samples.request_id if item.samples is not None else None
+        if key is None:
+            return False
+        first = state.requests.get(key) or self.requests.get(key)
+        if first is None:
+            return False
+        state.done.append((item, Appended(*first, duplicate=True)))
+        return True
 
     def _end(self, item: _Append, state: _Pending) -> None:
         """Journal an END now, answer it as a duplicate, or let it wait for its samples."""
@@ -277,6 +297,8 @@ class Journal:
                            state.rows)
             db.executemany("INSERT INTO tasks (name, accepted) VALUES (?, ?) ON CONFLICT(name) "
                            "DO UPDATE SET accepted = excluded.accepted", state.accepted.items())
+            db.executemany("INSERT INTO requests (id, first_seq, count) VALUES (?, ?, ?)",
+                           [(k, *v) for k, v in state.requests.items()])
             db.executemany("INSERT INTO ends (task, seq, accepted) VALUES (?, ?, ?) "
                            "ON CONFLICT(task) DO UPDATE SET seq = excluded.seq, "
                            "accepted = excluded.accepted",
@@ -300,6 +322,7 @@ class Journal:
             self.last_error = None
         with self._lock:
             self._last_seq, self.accepted, self.ended = state.seq, state.accepted, state.ended
+            self.requests.update(state.requests)
             self.max_chunk = max([self.max_chunk, *(row[1] for row in state.rows)])
             self._lock.notify_all()
 
@@ -369,6 +392,11 @@ class Journal:
         try:
             self._reader_db.execute("DELETE FROM chunks WHERE seq + count - 1 <= ?",
                                     (through_seq,))
+            self._reader_db.execute("DELETE FROM requests WHERE first_seq + count - 1 <= ?",
+                                    (through_seq,))
+            with self._lock:
+                self.requests = {k: v for k, v in self.requests.items()
+                                 if v[0] + v[1] - 1 > through_seq}
         except sqlite3.Error as e:  # a full disk: the next checkpoint truncates again
             raise JournalError(f"cannot truncate the journal: {e}") from None
 
@@ -385,12 +413,15 @@ class _Pending:
     seq: int
     accepted: dict[str, int]
     ended: dict[str, LastEnd]
+    requests: dict[str, tuple[int, int]] = field(default_factory=dict)  # new request ids
     rows: list[tuple] = field(default_factory=list)
     done: list[tuple[_Append, Appended | Exception]] = field(default_factory=list)
 
     def add(self, item: _Append, rows: list[tuple]) -> None:
         count = sum(row[1] for row in rows)
         self.done.append((item, Appended(self.seq + 1, count)))
+        if item.samples is not None and item.samples.request_id is not None:
+            self.requests[item.samples.request_id] = (self.seq + 1, count)
         self.rows.extend(rows)
         self.seq += count
 

@@ -10,6 +10,11 @@ one JSON header line, then `len(y)` rows of the input's values as `float32`, or 
 multiplied by the header's `"scale"` (e.g. 1/255 for pixels sent as bytes).
 A bad request raises `SampleError` naming the field and the problem; nothing of it is accepted.
 
+A request may carry an id (`"request_id"` in a batch `{"samples": [...], "request_id": "..."}`
+or in the binary header; over HTTP also the `Idempotency-Key` header): a request whose id the
+journal holds already is answered with its first answer and journaled nothing, so a client may
+send a request again after a lost connection without it being learned twice.
+
 An end of task travels the same way on every transport: `{"end_task": "site-a", "samples": 240}`
 (HTTP also takes it as POST /v1/tasks/site-a/end with `{"samples": 240}`). `samples`, optional,
 is how many samples of the task the sender had acknowledged before sending the end: the end is
@@ -18,7 +23,9 @@ journaled once that many have arrived, whatever transport carries them (see `Jou
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +40,8 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 JSON_TYPES = ("application/json", "application/x-ndjson", "application/jsonl")
 BINARY_TYPE = "application/vnd.edgecl.samples"
 BINARY_DTYPES = {"float32": "<f4", "uint8": "u1"}
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID_RULE = "1 to 128 printable ASCII characters, no spaces"
 
 
 class SampleError(ValueError):
@@ -59,6 +68,7 @@ class Samples:
     tasks: list[str]
     x: np.ndarray
     y: np.ndarray
+    request_id: str | None = None  # the client's id of the request: journaled at most once
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -80,10 +90,11 @@ def parse_body(schema: SampleSchema, body: bytes, content_type: str,
     if kind and kind not in JSON_TYPES:
         raise SampleError(f"Content-Type {kind!r} not supported; use one of "
                           f"{', '.join((*JSON_TYPES, BINARY_TYPE))}", 415)
-    records = json_records(body)
+    records, request_id = json_records(body)
     if len(records) == 1 and isinstance(records[0], dict) and "end_task" in records[0]:
         return end_record(records[0])
-    return parse_records(schema, records, max_samples, json_may_hold_booleans(body))
+    samples = parse_records(schema, records, max_samples, json_may_hold_booleans(body))
+    return dataclasses.replace(samples, request_id=request_id) if request_id else samples
 
 
 def end_body(task: str, body: bytes) -> EndTask:
@@ -107,8 +118,15 @@ def end_record(record: Any, task: str | None = None) -> EndTask:
                    samples)
 
 
-def json_records(body: bytes) -> list[Any]:
-    """One sample, `{"samples": [...]}`, or NDJSON lines: the records, not yet validated."""
+def check_request_id(request_id: Any, where: str = "request_id") -> str:
+    if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
+        raise SampleError(f"{where}: {request_id!r} is not a request id ({REQUEST_ID_RULE})")
+    return request_id
+
+
+def json_records(body: bytes) -> tuple[list[Any], str | None]:
+    """One sample, `{"samples": [...], "request_id"?}`, or NDJSON lines: the records, not yet
+    validated, and the request's id if it names one."""
     lines = [line for line in body.split(b"\n") if line.strip()]
     if not lines:
         raise SampleError("empty body: send a sample, {\"samples\": [...]} or NDJSON lines")
@@ -116,10 +134,14 @@ def json_records(body: bytes) -> list[Any]:
             for i, line in enumerate(lines)]
     if len(docs) == 1 and isinstance(docs[0], dict) and "samples" in docs[0] \
             and "end_task" not in docs[0]:  # an end's "samples" is a count
-        if set(docs[0]) != {"samples"} or not isinstance(docs[0]["samples"], list):
-            raise SampleError('a batch is {"samples": [sample, ...]} and nothing else')
-        return docs[0]["samples"]
-    return docs
+        batch = docs[0]
+        if not {"samples"} <= set(batch) <= {"samples", "request_id"} \
+                or not isinstance(batch["samples"], list):
+            raise SampleError('a batch is {"samples": [sample, ...], "request_id"?} and nothing '
+                              "else")
+        request_id = batch.get("request_id")
+        return batch["samples"], None if request_id is None else check_request_id(request_id)
+    return docs, None
 
 
 def _json(data: bytes, where: str) -> Any:
@@ -223,9 +245,13 @@ def parse_binary(schema: SampleSchema, body: bytes, max_samples: int) -> Samples
     if not newline:
         raise SampleError("binary body: a JSON header line must end with a newline")
     header = _json(head, "binary header")
-    allowed = {"task", "y", "dtype", "scale", "shape"}
+    allowed = {"task", "y", "dtype", "scale", "shape", "request_id"}
     if not isinstance(header, dict) or not {"task", "y"} <= set(header) <= allowed:
-        raise SampleError('binary header: must be {"task", "y", "dtype"?, "scale"?, "shape"?}')
+        raise SampleError('binary header: must be {"task", "y", "dtype"?, "scale"?, "shape"?, '
+                          '"request_id"?}')
+    request_id = header.get("request_id")
+    if request_id is not None:
+        check_request_id(request_id, "binary header: request_id")
     task = check_task(header["task"])
     if not isinstance(header["y"], list):
         raise SampleError("binary header: y must be a list of labels, one per row")
@@ -251,7 +277,8 @@ def parse_binary(schema: SampleSchema, body: bytes, max_samples: int) -> Samples
         x *= np.float32(scale)
     elif scale != 1.0:
         raise SampleError("binary header: scale applies to uint8 rows only")
-    return Samples([task] * n, _finite_float32(x, schema), np.array(labels, dtype=np.int64))
+    return Samples([task] * n, _finite_float32(x, schema), np.array(labels, dtype=np.int64),
+                   request_id)
 
 
 def _check_count(n: int, max_samples: int) -> None:

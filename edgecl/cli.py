@@ -355,7 +355,13 @@ def learn(
         help="Also accept NDJSON samples on this unix socket (mode 0600).")] = None,
     mqtt: Annotated[str | None, typer.Option(
         help="Also subscribe to edgecl/<name>/samples on this MQTT broker, "
-             "e.g. mqtt://127.0.0.1:1883 (needs --name).")] = None,
+             "e.g. mqtt://127.0.0.1:1883, or mqtts://user@host:8883 for TLS and a user "
+             "(needs --name).")] = None,
+    mqtt_password_file: Annotated[Path | None, typer.Option(
+        help="File holding the password of the MQTT URL's user.")] = None,
+    mqtt_ca: Annotated[Path | None, typer.Option(
+        help="CA certificate (PEM) to verify an mqtts:// broker with (default: the "
+             "system's).")] = None,
     name: Annotated[str | None, typer.Option(
         help="This device's name in MQTT topics (edgecl/<name>/samples).")] = None,
     device: Annotated[str | None, typer.Option(
@@ -389,7 +395,9 @@ def learn(
     if mqtt and not name:
         fail("--mqtt needs --name NAME (the topic is edgecl/<name>/samples)")
     listeners = Listeners(host, port, _token(token_file, LEARN_TOKEN_ENV), _tls(tls_cert, tls_key),
-                          socket, mqtt, name or "")
+                          socket, mqtt, name or "",
+                          _read_secret(mqtt_password_file, "password file") if mqtt_password_file
+                          else None, mqtt_ca)
     from edgecl.setup import load_config
 
     try:
@@ -567,22 +575,23 @@ def _token(path: Path | None, env: str) -> str | None:
     """The bearer token: from the file, else from $env, else none (an empty one is refused)."""
     import os
 
-    token = _read_token(path) if path else os.environ.get(env)
+    token = _read_secret(path) if path else os.environ.get(env)
     if token is not None and not token:
         fail(f"${env} is set but empty")
     return token
 
 
-def _read_token(path: Path) -> str:
+def _read_secret(path: Path, what: str = "token file") -> str:
+    """A token or password from its file: UTF-8, not empty; a warning if others can read it."""
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        secret = path.read_text(encoding="utf-8").strip()
     except OSError as e:
-        fail(f"{path}: cannot read the token file ({e.strerror})")
+        fail(f"{path}: cannot read the {what} ({e.strerror})")
     except UnicodeDecodeError:
-        fail(f"{path}: the token file is not UTF-8 text")
-    if not token:
-        fail(f"{path}: the token file is empty")
+        fail(f"{path}: the {what} is not UTF-8 text")
+    if not secret:
+        fail(f"{path}: the {what} is empty")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         say(f"warning: {path} is readable by others (mode {mode:o}); chmod 600 it")
-    return token
+    return secret

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,36 +68,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real mosquitto broker of our own on a free loopback port; yields its mqtt:// URL.
-    Skipped where mosquitto is not installed, except in CI, which must run it."""
+@contextlib.contextmanager
+def mosquitto(folder: Path, listener: str = "allow_anonymous true\n") -> Iterator[int]:
+    """A real mosquitto broker of our own on a free loopback port, its listener's settings
+    `listener`; yields the port. Skipped where mosquitto is not installed, except in CI, which
+    must run it."""
     binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("CI is set but mosquitto is not installed: .ci/run installs it")
         pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI runs this")
     port = free_port()
-    tmp = tmp_path_factory.mktemp("mosquitto")
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "log_dest stderr\n")
-    with (tmp / "mosquitto.log").open("wb") as out:
+    conf = folder / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\n{listener}persistence false\nlog_dest stderr\n")
+    with (folder / "mosquitto.log").open("wb") as out:
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
         while True:
-            assert proc.poll() is None, (tmp / "mosquitto.log").read_text()
+            assert proc.poll() is None, (folder / "mosquitto.log").read_text()
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "mosquitto did not open its port"
                 time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
+        yield port
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A mosquitto broker with its stock settings, anonymous; yields its mqtt:// URL."""
+    with mosquitto(tmp_path_factory.mktemp("mosquitto")) as port:
+        yield f"mqtt://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager

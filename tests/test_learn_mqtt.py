@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,12 +17,13 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import mosquitto
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgecl.daemon.daemon import Backpressure, Daemon
-from edgecl.daemon.mqtt import MqttSource, parse_url
+from edgecl.daemon.mqtt import BrokerAddress, MqttSource, parse_url
 from edgecl.daemon.schema import BINARY_TYPE
 from edgecl.setup import build_config
 
@@ -53,7 +55,8 @@ class Client:
     """A test-side paho client (MQTT 5) that publishes QoS 1 and collects what it subscribed."""
 
     def __init__(self, url: str) -> None:
-        host, port = parse_url(url)
+        address = parse_url(url)
+        host, port = address.host, address.port
         self.received: queue.Queue[dict[str, Any]] = queue.Queue()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -234,9 +237,38 @@ def test_no_ack_before_the_journal_is_durable(daemon: Daemon, source: Any, clien
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "127.0.0.1", "mqtt://", "mqtt://h:x",
-                                 "mqtt://h:1883/path"])
+                                 "mqtt://h:1883/path", "mqtt://u:secret@h"])
 def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError, match="MQTT URL"):
         parse_url(url)
-    assert parse_url("mqtt://broker") == ("broker", 1883)
-    assert parse_url("mqtt://broker:8883") == ("broker", 8883)
+    assert parse_url("mqtt://broker") == BrokerAddress(False, "broker", 1883, None)
+    assert parse_url("mqtts://dev@broker") == BrokerAddress(True, "broker", 8883, "dev")
+
+
+def test_a_broker_with_tls_and_a_password(tmp_path: Path, daemon: Daemon) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "wrist", "s3cret"],
+                   check=True, capture_output=True)
+    listener = (f"allow_anonymous false\npassword_file {passwords}\ncafile {cert}\n"
+                f"certfile {cert}\nkeyfile {key}\n"
+                "user root\n")  # run as root, it would read them as user mosquitto: it cannot
+    with mosquitto(tmp_path, listener) as port:
+        url = f"mqtts://wrist@127.0.0.1:{port}"
+        wrong = MqttSource(daemon, url, "dev", password="guess", ca_file=cert)
+        wrong.start()
+        try:
+            assert not wrong.subscribed.wait(2)  # refused: the log says why
+        finally:
+            wrong.stop()
+        right = MqttSource(daemon, url, "dev", password="s3cret", ca_file=cert)
+        right.start()
+        try:
+            wait_for(right.subscribed.is_set, "subscribed over TLS with the password")
+        finally:
+            right.stop()
+    with pytest.raises(ValueError, match="a CA file is for TLS"):
+        MqttSource(daemon, "mqtt://wrist@127.0.0.1", "dev", "s3cret", ca_file=cert)

@@ -1,7 +1,9 @@
 """MQTT ingest for `edgecl learn`: labelled samples from a broker, acknowledged once durable.
 
 `MqttSource(daemon, "mqtt://host:1883", device)` subscribes to `edgecl/<device>/samples` at
-QoS 1 as client `edgecl-learn-<device>` (MQTT 5, clean start off, a session that does not
+QoS 1 (`mqtts://user@host:8883`: TLS, verified against the system's CAs or `ca_file`, and a
+username whose password is given apart from the URL, which command lines and logs show) as
+client `edgecl-learn-<device>` (MQTT 5, clean start off, a session that does not
 expire), so the broker keeps what is published while the daemon is down and delivers it when
 the daemon comes back.
 
@@ -42,6 +44,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,7 +61,7 @@ from edgecl.daemon.journal import Appended
 from edgecl.daemon.schema import SampleError
 
 log = logging.getLogger("edgecl.learn")
-DEFAULT_PORT = 1883
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 RECEIVE_MAXIMUM = 64  # unacked QoS 1 messages the broker may have in flight to us
 SESSION_EXPIRY_S = 0xFFFFFFFF  # MQTT 5: the session never expires
 KEEPALIVE_S = 30
@@ -79,18 +82,31 @@ class Delivery:
     connection: int
 
 
-def parse_url(url: str) -> tuple[str, int]:
-    """`mqtt://host[:port]` -> (host, port); anything else is a ValueError naming `url`."""
+@dataclass(frozen=True)
+class BrokerAddress:
+    tls: bool
+    host: str
+    port: int
+    username: str | None
+
+
+def parse_url(url: str) -> BrokerAddress:
+    """`mqtt[s]://[user@]host[:port]`; anything else is a ValueError naming `url`."""
+    form = "mqtt://[user@]host[:port] or mqtts://[user@]host[:port]"
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
         raise ValueError(f"MQTT URL {url!r}: {e}") from None
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ValueError(f"MQTT URL {url!r}: expected mqtt://host[:port]")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"MQTT URL {url!r}: expected mqtt://host[:port], nothing more")
-    return parts.hostname, port or DEFAULT_PORT
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"MQTT URL {url!r}: expected {form}")
+    if parts.password is not None:
+        raise ValueError(f"MQTT URL {url!r}: a password does not go in the URL (command lines "
+                         "and logs show it); give it in a file (--mqtt-password-file)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"MQTT URL {url!r}: expected {form}, nothing more")
+    return BrokerAddress(parts.scheme == "mqtts", parts.hostname,
+                         port or DEFAULT_PORTS[parts.scheme], parts.username)
 
 
 def check_device(device: str) -> str:
@@ -106,9 +122,17 @@ class MqttSource:
 
     stop_grace_s = 10.0  # at stop, how long the message in hand may wait for the journal
 
-    def __init__(self, daemon: Daemon, url: str, device: str) -> None:
+    def __init__(self, daemon: Daemon, url: str, device: str, password: str | None = None,
+                 ca_file: Path | None = None) -> None:
         self.daemon = daemon
-        self.host, self.port = parse_url(url)
+        self.address = parse_url(url)
+        self.host, self.port = self.address.host, self.address.port
+        if password is not None and self.address.username is None:
+            raise ValueError(f"MQTT URL {url!r}: a password needs a user (mqtt://user@host)")
+        if ca_file is not None and not self.address.tls:
+            raise ValueError(f"MQTT URL {url!r}: a CA file is for TLS (mqtts://)")
+        self.password = password
+        self.ca_file = ca_file
         self.device = check_device(device)
         self.client_id = f"edgecl-learn-{device}"
         self.topic = f"edgecl/{device}/samples"
@@ -152,6 +176,10 @@ class MqttSource:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5, manual_ack=True)
         client.enable_logger(logging.getLogger("edgecl.daemon.mqtt"))
+        if self.address.username is not None:
+            client.username_pw_set(self.address.username, self.password)
+        if self.address.tls:
+            client.tls_set(ca_certs=str(self.ca_file) if self.ca_file else None)
         client.reconnect_delay_set(*RECONNECT_DELAY_S)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

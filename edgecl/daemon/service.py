@@ -35,6 +35,8 @@ class Listeners:
     socket: Path | None = None
     mqtt: str | None = None  # mqtt://host:port
     name: str = ""  # the device's name in MQTT topics
+    mqtt_password: str | None = None  # of the MQTT URL's user
+    mqtt_ca: Path | None = None  # the CA to verify an mqtts:// broker with
 
 
 class LearnService:
@@ -57,7 +59,8 @@ class LearnService:
             if listeners.mqtt:
                 from edgecl.daemon.mqtt import MqttSource  # paho loads only when asked for
 
-                self.sources.append(MqttSource(daemon, listeners.mqtt, listeners.name))
+                self.sources.append(MqttSource(daemon, listeners.mqtt, listeners.name,
+                                                listeners.mqtt_password, listeners.mqtt_ca))
         except BaseException:
             self.daemon.stop()
             raise

@@ -3,6 +3,9 @@
 `Exporter(checkpoint).export(task, repo)` writes `repo/<task>/<version>/model.onnx` and its
 `manifest.json` (see `edgecl.repository`) only after onnxruntime reproduces torch on random
 inputs and on the task's real test inputs: max abs difference <= 1e-4 and identical argmax.
+A module whose parameters or buffers are not all finite is refused before it is exported, and
+logits that are not finite (NaN or Inf, from torch or from onnxruntime) fail verification: a
+diverged learner publishes nothing.
 
 The graph is torch's dynamo export at opset 18 (its native opset: no version conversion) stamped
 with IR version 8, the IR of opset 18. onnxruntime reads it from 1.14 on, so every wheel a Jetson
@@ -20,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -30,7 +34,7 @@ from torch import nn
 from edgecl import __version__
 from edgecl.checkpoint import checkpoint_bytes, load_learner
 from edgecl.data import BenchmarkError, TaskData
-from edgecl.learners import LearnerSpec
+from edgecl.learners import LearnerSpec, first_nonfinite
 from edgecl.nets.norm import InputNorm
 from edgecl.repository import (
     Manifest,
@@ -59,7 +63,18 @@ class ExportError(RuntimeError):
 
 
 class VerificationError(ExportError):
-    """onnxruntime does not reproduce torch within tolerance."""
+    """onnxruntime does not reproduce torch within tolerance, or the logits are not finite."""
+
+
+def check_finite(module: nn.Module, task: str) -> None:
+    """Raise ExportError naming the first parameter or buffer of `module` that holds a NaN or
+    an infinity: a learner that diverged has nothing worth exporting."""
+    for kind, named in (("parameter", module.named_parameters()),
+                        ("buffer", module.named_buffers())):
+        bad = first_nonfinite(named)
+        if bad is not None:
+            raise ExportError(f"task {task}: the model's {kind} {bad} is not finite (NaN or Inf): "
+                              "the learner diverged; not exported")
 
 
 def to_onnx(module: nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -93,17 +108,30 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class Comparison(NamedTuple):
+    """onnxruntime against torch on some inputs."""
+
+    diff: float  # max abs logit difference; NaN when a logit is NaN, never less than a real one
+    mismatches: int  # inputs whose argmax differs
+    torch_nonfinite: int  # inputs whose torch logits are not all finite
+    onnx_nonfinite: int  # the same for onnxruntime's
+
+
 def compare(session: ort.InferenceSession, module: nn.Module, batches: list[torch.Tensor]
-            ) -> tuple[float, int]:
-    """(max abs logit difference, number of argmax disagreements) of onnxruntime vs torch."""
-    diff, mismatches = 0.0, 0
+            ) -> Comparison:
+    """onnxruntime vs torch on every input of `batches`."""
+    diff, mismatches, torch_bad, onnx_bad = 0.0, 0, 0, 0
     with torch.no_grad():
         for x in batches:
             expected = module(x).numpy()
             got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-            diff = max(diff, float(np.abs(got - expected).max()))
+            torch_bad += int((~np.isfinite(expected)).any(1).sum())
+            onnx_bad += int((~np.isfinite(got)).any(1).sum())
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, counted above
+                batch_diff = np.abs(got - expected).max()
+            diff = float(np.max([diff, batch_diff]))  # keeps a NaN; max(0.0, nan) is 0.0
             mismatches += int((got.argmax(1) != expected.argmax(1)).sum())
-    return diff, mismatches
+    return Comparison(diff, mismatches, torch_bad, onnx_bad)
 
 
 def normalisation(module: nn.Module) -> str:
@@ -120,6 +148,7 @@ def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
     are none), and publish it as the task's next version in `repo`; `input_transform` states
     the task's fixed input transform for clients (see `TaskData.transform`)."""
     check_task_id(task)
+    check_finite(module, task)
     model = to_onnx(module, spec.input_shape).SerializeToString()
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     verification = _verify(task, session, module, spec.input_shape, real, real_note)
@@ -146,11 +175,22 @@ def _verify(task: str, session: ort.InferenceSession, module: nn.Module,
             real_note: str) -> Verification:
     g = torch.Generator().manual_seed(0)
     random = torch.rand(RANDOM_INPUTS, *input_shape, generator=g)
-    batches = [random, random[:1]]  # two batch sizes: the batch axis really is dynamic
+    # two batch sizes of random inputs: the batch axis really is dynamic
+    runs = {"random": compare(session, module, [random, random[:1]])}
     if real is not None and len(real):
-        batches.append(real)
-    diff, mismatches = compare(session, module, batches)
+        runs["real"] = compare(session, module, [real])
     n_real = 0 if real is None else len(real)
+    counts = {"random": RANDOM_INPUTS + 1, "real": n_real}
+    nonfinite = [f"{who} on {bad} of the {counts[inputs]} {inputs} inputs"
+                 for inputs, run in runs.items()
+                 for who, bad in (("torch", run.torch_nonfinite),
+                                  ("onnxruntime", run.onnx_nonfinite)) if bad]
+    if nonfinite:
+        raise VerificationError(
+            f"task {task}: the model's outputs are not finite (NaN or Inf logits from "
+            f"{'; '.join(nonfinite)}): the learner diverged; not published")
+    diff = float(np.max([run.diff for run in runs.values()]))
+    mismatches = sum(run.mismatches for run in runs.values())
     if not (diff <= TOLERANCE and mismatches == 0):
         raise VerificationError(
             f"task {task}: onnxruntime differs from torch by {diff:.3g} (max abs logit "

@@ -9,7 +9,15 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from edgecl.config import MethodConfig
-from edgecl.learners.base import Footprint, Learner, LearnerSpec, StepStats
+from edgecl.learners.base import (
+    MAX_NONFINITE_STREAK,
+    Footprint,
+    Learner,
+    LearnerDiverged,
+    LearnerSpec,
+    StepStats,
+    first_nonfinite,
+)
 from edgecl.registry import LEARNER_CLASSES, LEARNERS, resolve
 
 
@@ -30,5 +38,6 @@ def build_learner(spec: LearnerSpec) -> Learner:
     return learner_class(spec.config.method.name)(spec)
 
 
-__all__ = ["LEARNERS", "Footprint", "Learner", "LearnerSpec", "StepStats", "build_learner",
-           "learner_class", "method_params"]
+__all__ = ["LEARNERS", "MAX_NONFINITE_STREAK", "Footprint", "Learner", "LearnerDiverged",
+           "LearnerSpec", "StepStats", "build_learner", "first_nonfinite", "learner_class",
+           "method_params"]

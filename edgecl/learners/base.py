@@ -7,16 +7,18 @@ All randomness after initialisation comes from `self.rng`, which is saved in `st
 
 No non-finite step is applied: every method steps through `Learner.step`, which leaves the
 weights and the optimiser's state as they were when the step's loss, its gradients or the new
-weights would not be finite, and counts the step (`nonfinite_steps`). A learner whose last
-`MAX_NONFINITE_STREAK` steps were all skipped, or whose weights are not finite when a task ends,
-raises `LearnerDiverged`.
+weights would not be finite, and counts the step (`nonfinite_steps`). What a step does besides
+(a method's episodic memory stores the batch, A-GEM and fast GEM draw from `self.rng`, event
+counters) stands: the batch's samples are finite, and each method that reads its memory leaves
+out a gradient that is not finite (GEM, A-GEM: that constraint; EWC, MAS: those samples'
+importance). A learner whose last `MAX_NONFINITE_STREAK` steps were all skipped, or whose weights
+are not finite when a task ends, raises `LearnerDiverged`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -171,6 +173,14 @@ def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     if bool(finite.all()):
         return None
     return named[int(finite.logical_not().nonzero()[0])][0]
+
+
+def _totals(*groups: list[torch.Tensor]) -> list[float]:
+    """The sum of the absolute values of each group of scalar tensors, read with one device
+    sync: at least the largest of them, and NaN or infinite when any is."""
+    if groups[0][0].device.type == "cpu":  # .item() is cheaper than a stack there
+        return [sum(abs(t.item()) for t in group) for group in groups]
+    return torch.stack([torch.stack(group).abs().sum() for group in groups]).tolist()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -335,7 +345,9 @@ class Learner(ABC):
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: str) -> StepStats:
         """One single-pass step on a batch of `task`; a task id other than the open one ends
         that task first. A bad batch or a task beyond `max_tasks` raises ValueError and changes
-        nothing."""
+        nothing. A step that `step` skips as non-finite returns `skipped` and leaves the net
+        (the input statistics still fitting included) and the optimiser as they were; it is
+        counted, and the first of each task logged (logger "edgecl.learners")."""
         self.check_batch(x, y)
         if task != self.open_task:
             self.check_room_for(task)
@@ -475,7 +487,6 @@ class Learner(ABC):
         self.step(loss)
         return StepStats(loss.detach())
 
-    @torch.no_grad()
     def step(self, loss: torch.Tensor, apply: Callable[[], Any] | None = None) -> bool:
         """Apply the optimiser step for the gradients in `.grad` (those of `loss`), unless it is
         not finite; returns whether it was applied. `apply` takes the step (default:
@@ -502,29 +513,33 @@ class Learner(ABC):
         if not params:
             apply()
             return True
-        plain = is_plain_sgd(opt)
+        # the loss joins after the fused reduction: a scalar among the tensors slows it down
+        grads = [*torch._foreach_norm([p.grad for p in params]), loss.detach()]
         versions = [p._version for p in weights]
-        grads = torch.stack([loss.detach().abs(), *torch._foreach_norm([p.grad for p in params])])
+        plain = is_plain_sgd(opt)
         if plain and self._weight_bound is not None and versions == self._weight_versions:
-            largest_grad, largest_weight = grads.max().item(), self._weight_bound
+            [largest_grad], largest_weight = _totals(grads), self._weight_bound
         else:
             state = [v for p in params for v in opt.state.get(p, {}).values()
                      if isinstance(v, torch.Tensor) and v.shape == p.shape]
-            held = torch.stack(torch._foreach_norm(weights + state)).max()
-            largest_grad, largest_weight = torch.stack([grads.max(), held]).tolist()
-        sane = all(math.isfinite(v) and 0 <= v <= SAFE_HYPERPARAMETER
-                   for group in opt.param_groups
-                   for v in (group["lr"], group.get("momentum", 0), group.get("weight_decay", 0)))
-        if not (largest_grad < SAFE_MAGNITUDE and largest_weight < SAFE_MAGNITUDE and sane):
+            with torch.no_grad():
+                held = torch._foreach_norm(weights + state)
+            largest_grad, largest_weight = _totals(grads, held)
+        # at least the largest lr, momentum and weight decay; NaN or inf if any is
+        hyper = sum(abs(group["lr"]) + abs(group.get("momentum", 0))
+                    + abs(group.get("weight_decay", 0)) for group in opt.param_groups)
+        if not (largest_grad < SAFE_MAGNITUDE and largest_weight < SAFE_MAGNITUDE
+                and hyper <= SAFE_HYPERPARAMETER):
             return self._checked_step(loss, params, apply)
         apply()
-        self._weight_bound = None
-        if plain:
-            lr = max(group["lr"] for group in opt.param_groups)
-            self._weight_bound = largest_weight + lr * largest_grad
+        if plain:  # |new weight| <= |weight| + lr |gradient|
+            self._weight_bound = largest_weight + hyper * largest_grad
             self._weight_versions = [p._version for p in weights]
+        else:
+            self._weight_bound = None
         return True
 
+    @torch.no_grad()
     def _checked_step(self, loss: torch.Tensor, params: list[nn.Parameter],
                       apply: Callable[[], Any]) -> bool:
         """`step` for a step that might not be finite: checked tensor by tensor, and rolled back

@@ -45,6 +45,7 @@ class EWC(QuadraticPenaltyLearner):
     tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "rotmnist": {"optimizer": {"lr": 0.01}, "method": {"strength": 300.0}}}
 
-    def importance(self, slot: int) -> torch.Tensor:
+    def importance(self, slot: int, finite_only: bool = False) -> torch.Tensor:
         x, y = self.memory.get(slot)
-        return mean_per_sample_gradient(self.net, slot, log_likelihood, torch.square, x, y)
+        return mean_per_sample_gradient(self.net, slot, log_likelihood, torch.square, x, y,
+                                       finite_only=finite_only)

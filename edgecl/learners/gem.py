@@ -27,6 +27,7 @@ with tasks x memory, fast GEM's stays flat once there are `fast_tasks` past task
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -273,7 +274,7 @@ class EpisodicProjection(Learner):
         if projected is not None:
             heads = {self.net.head_index(s) for s in (*past.slots, slot)}  # no device read
             self.set_flat_grad(projected, heads)
-        self.optimizer.step()
+        self.step(loss, self.optimizer.step)
         return StepStats(loss.detach())
 
     def past_memory(self, slot: int) -> PastMemory | None:
@@ -328,9 +329,21 @@ class GEM(EpisodicProjection):
 
     def constrain(self, G: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
         """g̃ = Gᵀv + g when some G_k·g < 0, else None. If quadprog fails even with a larger
-        ridge, A-GEM's projection on the mean past-task gradient instead."""
+        ridge, A-GEM's projection on the mean past-task gradient instead.
+
+        A past task whose gradient is not finite (its memory holds the samples of a skipped
+        step) is left out of the constraints, and counted (`gem_nonfinite_constraints`): the
+        step is constrained by the others. A non-finite g itself is left to `Learner.step`."""
         Gg = G @ g
-        if not bool((Gg < 0).any()):
+        violated, finite = torch.stack([(Gg < 0).any(), Gg.isfinite().all()]).tolist()
+        if not finite:
+            if not bool(g.isfinite().all()):
+                return None  # the step is skipped
+            keep = Gg.isfinite()
+            self.count("gem_nonfinite_constraints", int(keep.logical_not().sum()))
+            G, Gg = G[keep], Gg[keep]
+            violated = bool((Gg < 0).any())
+        if not violated:
             return None
         self.count("gem_projections")
         v = self.dual_solution(G @ G.T, Gg)
@@ -405,11 +418,21 @@ class AGEM(EpisodicProjection):
     optimizer_defaults: ClassVar[dict[str, Any]] = {"lr": 0.03}
 
     def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
-        projected = project_onto_halfspace(g, self.reference_gradient(past))
-        if projected is g:
+        """`project_onto_halfspace(g, g_ref)`, or None when g needs no projection. A reference
+        gradient that is not finite (the memory holds the samples of a skipped step) is not
+        used, and counted (`agem_nonfinite_references`); a non-finite g is left to
+        `Learner.step`."""
+        ref = self.reference_gradient(past)
+        dot = g @ ref
+        value = float(dot)
+        if not math.isfinite(value):
+            if bool(g.isfinite().all()):
+                self.count("agem_nonfinite_references")
+            return None
+        if value >= 0:
             return None
         self.count("agem_projections")
-        return projected
+        return g - (dot / (ref @ ref)) * ref
 
     @classmethod
     def decode_rows(cls, params: AGEMParams, memory: MemoryConfig) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat
 
-from edgecl.learners.base import Learner, LearnerSpec, StepStats, optimizer_step, zero_grad
+from edgecl.learners.base import Learner, LearnerSpec, StepStats, zero_grad
 from edgecl.nets import TaskNet
 
 
@@ -77,7 +77,7 @@ class LwF(Learner):
                              self.teacher.heads[h](teacher_features), self.params.temperature)
                 for h in heads)
         loss.backward()
-        optimizer_step(self.optimizer)
+        self.step(loss)
         return StepStats(loss.detach())
 
     def consolidate(self, slot: int) -> None:

@@ -43,6 +43,7 @@ class MAS(QuadraticPenaltyLearner):
     tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "rotmnist": {"optimizer": {"lr": 0.01}, "method": {"strength": 1.0}}}
 
-    def importance(self, slot: int) -> torch.Tensor:
+    def importance(self, slot: int, finite_only: bool = False) -> torch.Tensor:
         x, _ = self.memory.get(slot)
-        return mean_per_sample_gradient(self.net, slot, squared_output_norm, torch.abs, x)
+        return mean_per_sample_gradient(self.net, slot, squared_output_norm, torch.abs, x,
+                                       finite_only=finite_only)

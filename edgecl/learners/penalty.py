@@ -22,6 +22,7 @@ argument does not hold there and the penalty is left exact.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from collections.abc import Callable
@@ -34,7 +35,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector
 
-from edgecl.learners.base import Learner, LearnerSpec, StepStats, optimizer_step, zero_grad
+from edgecl.learners.base import Learner, LearnerSpec, StepStats, zero_grad
+
+log = logging.getLogger("edgecl.learners")
 
 Merge = Literal["average", "decay"]
 PER_SAMPLE_CHUNK = 64  # samples per vmap call: bounds the [chunk, n_params] gradient block
@@ -132,11 +135,13 @@ class QuadraticPenalty:
 def mean_per_sample_gradient(
     net: nn.Module, slot: int, objective: Callable[..., torch.Tensor],
     reduce: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *targets: torch.Tensor,
+    finite_only: bool = False,
 ) -> torch.Tensor:
     """(1/N) Σ_n reduce(∂ objective(net(x_n, slot), *targets_n) / ∂θ), flat over the parameters.
 
     Per-sample gradients come from `vmap(grad(...))`, a chunk of samples per call, with the net in
-    eval mode (so batch norm uses its running statistics and nothing is updated).
+    eval mode (so batch norm uses its running statistics and nothing is updated). `finite_only`:
+    the mean over the samples whose reduced gradient is finite only (zeros if there is none).
     """
     names = [name for name, _ in net.named_parameters()]
     params = {name: p.detach() for name, p in net.named_parameters()}
@@ -149,16 +154,22 @@ def mean_per_sample_gradient(
 
     per_sample = vmap(grad(sample_objective), in_dims=(None, 0, *[0] * len(targets)))
     total = torch.zeros(sum(p.numel() for p in params.values()), device=x.device)
+    n = len(x)
     was_training = net.training
     net.eval()
     try:
         for chunk in zip(x.split(PER_SAMPLE_CHUNK),
                          *(t.split(PER_SAMPLE_CHUNK) for t in targets), strict=True):
-            grads = per_sample(params, *chunk)
-            total += torch.cat([reduce(grads[name]).sum(0).reshape(-1) for name in names])
+            reduced = {name: reduce(g) for name, g in per_sample(params, *chunk).items()}
+            if finite_only:
+                finite = torch.stack([r.flatten(1).isfinite().all(1)
+                                      for r in reduced.values()]).all(0)
+                reduced = {name: r[finite] for name, r in reduced.items()}
+                n -= int(finite.logical_not().sum())
+            total += torch.cat([reduced[name].sum(0).reshape(-1) for name in names])
     finally:
         net.train(was_training)
-    return total / len(x)
+    return total / max(n, 1)
 
 
 class QuadraticPenaltyLearner(Learner):
@@ -182,8 +193,9 @@ class QuadraticPenaltyLearner(Learner):
                                         max_stiffness)
 
     @abstractmethod
-    def importance(self, slot: int) -> torch.Tensor:
-        """Per-weight importance Ω of task `slot` (flat, non-negative) from its memory."""
+    def importance(self, slot: int, finite_only: bool = False) -> torch.Tensor:
+        """Per-weight importance Ω of task `slot` (flat, non-negative) from its memory
+        (`finite_only`: from the samples whose gradient is finite only)."""
 
     def begin_task(self, slot: int) -> None:
         self.memory.clear()
@@ -194,11 +206,22 @@ class QuadraticPenaltyLearner(Learner):
         loss = F.cross_entropy(self.forward(x, slot), y)
         loss.backward()
         penalty = self.penalty.backward()
-        optimizer_step(self.optimizer)
+        self.step(loss)
         return StepStats(loss.detach() + penalty)
 
     def consolidate(self, slot: int) -> None:
-        self.penalty.consolidate(self.importance(slot))
+        """Merge task `slot`'s importance. Memory samples whose gradient is not finite (the
+        samples of a skipped step are stored too) are left out of it, and counted
+        (`nonfinite_importance`): one such sample would otherwise make Ω, and every later step,
+        non-finite."""
+        importance = self.importance(slot)
+        if not bool(importance.isfinite().all()):
+            self.count("nonfinite_importance")
+            log.warning("task slot %d: memory samples whose gradient is not finite were left out "
+                        "of its importance", slot)
+            importance = self.importance(slot, finite_only=True)
+            importance = torch.where(importance.isfinite(), importance, 0.0)  # a sum's overflow
+        self.penalty.consolidate(importance)
 
     def method_state(self) -> dict[str, Any]:
         return self.penalty.state_dict()

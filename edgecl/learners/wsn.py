@@ -100,7 +100,7 @@ class WSN(Learner):
         loss = F.cross_entropy(self.forward(x, slot), y)
         loss.backward()
         with self.frozen_weights_kept():
-            self.optimizer.step()
+            self.step(loss, self.optimizer.step)
         return StepStats(loss.detach())
 
     def begin_task(self, slot: int) -> None:

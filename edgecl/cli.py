@@ -155,7 +155,7 @@ def bench(
     one sub-folder per method plus DIR/comparison.md, comparison.json and comparison.png.
     """
     from edgecl.data import BenchmarkError
-    from edgecl.protocol import run_protocol, write_run
+    from edgecl.protocol import run_protocol, run_warnings, write_run
     from edgecl.setup import benchmark_for, learner_spec, method_configs, new_learner
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
@@ -194,6 +194,13 @@ def bench(
         _write_comparison(out, results, data.name)
     print_table(_summary_table(results, f"{data.name}: {data.source}, {len(data.tasks)} tasks"))
     say(f"results in {out}/")
+    for r in results:  # skipped steps, a run at chance, a non-finite model: never silent
+        for line in run_warnings(r):
+            say(f"warning: {r['method']}: {line}")
+    unusable = [r["method"] for r in results if r["finite"] is False]
+    if unusable:
+        fail(f"{', '.join(unusable)}: the final model is not finite; nothing of it is usable",
+             code=1)
 
 
 def _make_folder(folder: Path) -> None:

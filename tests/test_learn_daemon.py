@@ -24,10 +24,11 @@ from learn_helpers import (
 
 from edgecl.daemon.client import LearnClient
 from edgecl.daemon.daemon import Daemon, DaemonError
-from edgecl.daemon.journal import END
+from edgecl.daemon.journal import END, Journal
+from edgecl.daemon.loop import replay
 from edgecl.daemon.schema import BINARY_TYPE
 from edgecl.daemon.unixsocket import SocketSource
-from edgecl.setup import build_config
+from edgecl.setup import build_config, new_learner, stream_learner_spec, stream_schema
 
 
 def post_task(server, task: str, n: int, index: int = 0):
@@ -437,3 +438,30 @@ def test_the_client_sends_a_request_again_when_its_answer_is_lost_and_it_counts_
         assert client.reconnects == 1 and client.sent == 5
         wait_learned(daemon, 5)
         assert daemon.status()["accepted"] == 5  # journaled once
+
+
+def test_a_poisoned_sample_is_skipped_counted_and_the_journal_replays_to_the_same_weights(
+        tmp_path):
+    """A finite but huge window (a sensor glitch) makes its batch's loss overflow: that step is
+    not applied; the model stays finite; status and metrics count it; and a learner replaying
+    the journal from scratch ends with the very same weights."""
+    cfg = stream_config("finetune").model_copy(update={"normalize": "none"})  # raw, as sent
+    daemon = Daemon(cfg, tmp_path / "state")
+    x, y = task_samples(0, 40)
+    x[[5, 17, 30]] = 3e38  # within float32's range: finite, accepted; their logits overflow
+    with running(daemon) as server:
+        assert call(server, "POST", "/v1/samples", {"samples": records("a", x, y)})[0] == 202
+        x2, y2 = task_samples(0, 40, seed=1)
+        assert call(server, "POST", "/v1/samples", {"samples": records("a", x2, y2)})[0] == 202
+        wait_learned(daemon, 80)
+        status = daemon.status()
+        assert status["skipped_steps"] >= 1 and status["diverged"] is None
+        metrics = call(server, "GET", "/metrics")[1]
+        assert "edgecl_learn_skipped_steps_total" in metrics
+        state = daemon.call(lambda: daemon.learning.learner.state_dict()).result()
+    weights = [t for t in state["net"].values() if t.is_floating_point()]
+    assert all(torch.isfinite(t).all() for t in weights)
+    chunks = Journal(tmp_path / "state" / "journal.sqlite3", 3).read(0, 10_000)
+    schema = stream_schema(cfg)
+    again = replay(new_learner(stream_learner_spec(cfg, schema)), schema, cfg.learn, chunks)
+    assert_same_state(again.learner.state_dict(), state)

@@ -55,3 +55,20 @@ def test_every_method_learns_raw_sensor_units_with_its_defaults(tmp_path):
     bound = joint_training(cfg, benchmark_for(cfg))["acc"]
     assert acc["gem"] >= 0.9 * bound, (acc, bound)
     assert min(acc.values()) > CHANCE + 0.25, acc  # every method far off chance
+
+
+def test_a_diverging_run_is_marked_not_silent(tmp_path):
+    """normalize: none on raw units: GEM's lr 0.1 diverges; the skipped steps and the chance
+    result are said, and the model stays finite (it exits 0: the run itself is usable data)."""
+    data = raw_task_file(tmp_path / "raw.npz")
+    config = tmp_path / "raw-none.yaml"
+    config.write_text("normalize: none\n")
+    r = CliRunner().invoke(app, ["bench", "--config", str(config), "--benchmark", f"file:{data}",
+                                 "--method", "gem", "--device", "cpu",
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "warning: gem:" in said and "training steps were skipped" in said
+    assert "is at chance" in said
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["nonfinite_steps"] > 0 and result["finite"] and result["at_chance"]

@@ -35,6 +35,7 @@ from edgecl.daemon.journal import (
 from edgecl.daemon.loop import Learning
 from edgecl.daemon.publisher import Publisher
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
+from edgecl.learners import LearnerDiverged
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
 
 log = logging.getLogger("edgecl.learn")
@@ -136,6 +137,7 @@ class Daemon:
         self.lost = 0  # records truncated from the journal that no checkpoint holds
         self.last_checkpoint: dict[str, Any] | None = None
         self.checkpoint_failures = 0
+        self.diverged: str | None = None  # why the learner stopped, if it diverged
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgecl-learn")
         try:
@@ -273,6 +275,11 @@ class Daemon:
     def _run(self) -> None:
         try:
             self._learn()
+        except LearnerDiverged as e:  # no checkpoint of it: restarts resume from a good one
+            self.diverged = str(e)
+            log.error("the learner diverged at journal seq %d and cannot recover: %s; learning "
+                      "stopped, the newest checkpoint (%s) holds the last good learner",
+                      self.learning.read_seq, e, (self.last_checkpoint or {}).get("file"))
         except Exception:  # the thread ends; the process sees `alive` false and exits 1
             log.exception("the learning thread stopped at journal seq %d", self.learning.read_seq)
 
@@ -376,6 +383,9 @@ class Daemon:
         return {
             "version": __version__, "ready": self.ready, "accepted": sum(accepted.values()),
             "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
+            # training steps not applied: their loss, gradients or new weights were not finite
+            "skipped_steps": learning.learner.counters.get("nonfinite_steps", 0),
+            "diverged": self.diverged,
             "lost": self.lost + learning.lost,
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
                         "lag": self.lag(), "pending": len(learning.pending),

@@ -177,7 +177,9 @@ class DaemonCollector:
                                 ("learned", "Samples consumed by the learner (trained or held "
                                             "out)."),
                                 ("trained", "Samples trained on."),
-                                ("rejected", "Samples or requests refused by validation.")):
+                                ("rejected", "Samples or requests refused by validation."),
+                                ("skipped_steps", "Training steps not applied: their loss, "
+                                                  "gradients or new weights were not finite.")):
             yield CounterMetricFamily(f"edgecl_learn_{name}", help_text, value=s[name])
         lag = GaugeMetricFamily("edgecl_learn_journal_lag", "Journal records not yet learned.")
         lag.add_metric([], s["journal"]["lag"])

@@ -11,6 +11,7 @@ a run that never stopped. Nothing here knows about threads, files or HTTP.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from edgecl.learners import Learner
 from edgecl.metrics import Evaluator
 from edgecl.setup import SampleSchema
 
+log = logging.getLogger("edgecl.learn")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads seqs over [0, 2^64)
 
 
@@ -124,6 +126,7 @@ class Learning:
         # exported model states, which serve's input guard holds requests to
         self.ranges: dict[str, tuple[float, float]] = {}
         self._consolidated: list[str] = []  # by the chunk being taken
+        self._skips_said: set[str] = set()  # tasks whose first skipped step was logged
         if state is not None:
             self.load_state_dict(state)
 
@@ -206,7 +209,12 @@ class Learning:
                 self.end(open_task)
             if any_held:
                 x, y = x[~held], y[~held]
-            self.learner.observe(torch.from_numpy(x), torch.from_numpy(y), task)
+            if self.learner.observe(torch.from_numpy(x), torch.from_numpy(y), task).skipped \
+                    and task not in self._skips_said:
+                self._skips_said.add(task)
+                log.warning("task %s: the step on journal seqs %d-%d was not applied (not "
+                            "finite); status counts every such step (skipped_steps)", task,
+                            pieces[0].first, pieces[-1].last)
             self.trained += len(y)
         self.learned += len(held)
 

@@ -142,11 +142,14 @@ def normalisation(module: nn.Module) -> str:
 
 def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
                   classes: list[str], real: torch.Tensor | None, real_note: str,
-                  source: str, source_sha256: str, input_transform: str = "") -> Manifest:
+                  source: str, source_sha256: str, input_transform: str = "",
+                  input_range: tuple[float, float] | None = None) -> Manifest:
     """Export `module` (task `task` of a learner with `spec`) to ONNX, verify it against torch
     on random inputs and on `real` ones (`real_note` says where they come from, or why there
     are none), and publish it as the task's next version in `repo`; `input_transform` states
-    the task's fixed input transform for clients (see `TaskData.transform`)."""
+    the task's fixed input transform for clients (see `TaskData.transform`), `input_range` the
+    least and greatest input value the model was trained on (default: those of `real`), which
+    serve's input guard holds requests to."""
     check_task_id(task)
     check_finite(module, task)
     model = to_onnx(module, spec.input_shape).SerializeToString()
@@ -160,7 +163,8 @@ def export_module(module: nn.Module, repo: Path, task: str, spec: LearnerSpec,
         "output": TensorSpec(name=OUTPUT_NAME, shape=[-1, spec.n_classes]),
         "classes": classes,
         "normalisation": normalisation(module),
-        "input_range": None if real is None else [float(real.min()), float(real.max())],
+        "input_range": (list(input_range) if input_range is not None
+                        else None if real is None else [float(real.min()), float(real.max())]),
         "input_transform": input_transform,
         "method": spec.config.method.name, "head": spec.head,
         "source_checkpoint": source, "source_sha256": source_sha256,

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from test_learn_mqtt import Client as MqttPublisher
 
+from edgecl import repository
 from edgecl.daemon.client import LearnClient
 from edgecl.daemon.daemon import Daemon
 from edgecl.daemon.journal import END, SAMPLE
@@ -102,6 +103,9 @@ def test_a_sensor_stream_over_http_and_mqtt_is_served_as_the_learner_knows_it(
                 assert t["served_version"] is not None and not t["behind"], t
                 versions = serve.metadata(task.name)["versions"]
                 assert versions[-1] == str(t["served_version"])
+                manifest = repository.read_manifest(repo / task.name / versions[-1])
+                train = task.x_train.numpy()  # the range of every window sent, not of a few
+                assert manifest.input_range == [float(train.min()), float(train.max())]
                 x, y = task.x_test[:TEST_WINDOWS], task.y_test[:TEST_WINDOWS].numpy()
                 learner = daemon.call(lambda x=x, name=task.name: daemon.learning.learner.predict(
                     x, name).argmax(1).numpy()).result()

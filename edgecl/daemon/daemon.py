@@ -359,7 +359,7 @@ class Daemon:
         for task in learning.learner.task_ids:
             x, _ = learning.holdout.tensors(task)
             self.publisher.offer(task, learning.learner.task_module(task), x.clone(),
-                                 learning.offset, force=task == force)
+                                 learning.ranges.get(task), learning.offset, force=task == force)
 
     # --- status ----------------------------------------------------------------------------
     def _served(self, task: str) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class ExportJob:
     task: str
     module: torch.nn.Module  # a copy: the learner goes on training
     real: torch.Tensor  # held-out inputs to verify on (may be empty)
+    input_range: tuple[float, float] | None  # of every input the learner took for the task
     digest: str
     offset: int
 
@@ -92,8 +93,8 @@ class Publisher:
             served[task] = Served(found[-1], manifest.source_sha256, None)
         return served
 
-    def offer(self, task: str, module: torch.nn.Module, real: torch.Tensor, offset: int,
-              force: bool = False) -> bool:
+    def offer(self, task: str, module: torch.nn.Module, real: torch.Tensor,
+              input_range: tuple[float, float] | None, offset: int, force: bool = False) -> bool:
         """Queue `task`'s export unless its model is the one queued or served already (or
         `force`); True when queued."""
         digest = weights_digest(module)
@@ -101,7 +102,7 @@ class Publisher:
             if not force and self.wanted.get(task) == digest:
                 return False
             self.wanted[task] = digest
-            self._pending[task] = ExportJob(task, module, real, digest, offset)
+            self._pending[task] = ExportJob(task, module, real, input_range, digest, offset)
             self._cond.notify_all()
         return True
 
@@ -148,7 +149,8 @@ class Publisher:
         try:
             manifest = export_module(job.module, self.repo, job.task, self.spec,
                                      list(self.schema.classes_of(job.task)), real, note,
-                                     f"{self.source} at journal seq {job.offset}", job.digest)
+                                     f"{self.source} at journal seq {job.offset}", job.digest,
+                                     input_range=job.input_range)
         except (ExportError, OSError, ValueError) as e:
             self.failed += 1
             self.last_error = str(e)

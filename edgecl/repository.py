@@ -2,11 +2,13 @@
 
     <repo>/<task>/<version>/model.onnx
     <repo>/<task>/<version>/manifest.json
+    <repo>/<task>/<version>/BAD            (optional: an operator rolled this version back)
 
 Versions are positive integers that only increase. A version folder appears by a single rename of
 a fully written, fsync'd temp folder beside it, so a reader never sees half a model; the temp
 folders start with "." and are not versions. This module is shared by the writer (`edgecl export`)
-and the reader (`edgecl serve`) and needs neither torch nor onnxruntime.
+and the reader (`edgecl serve`) and needs neither torch nor onnxruntime. `prune` bounds its
+growth: a task keeps its newest versions, the others are removed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +39,10 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TASK_ID_RULE = "up to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+BAD_FILE = "BAD"  # <repo>/<task>/<version>/BAD: an operator rolled this version back
 PROBE_SEED = 0
 PROBE_BATCH = 4
+DEFAULT_KEEP = 5  # versions `prune` keeps per task
 
 
 class ManifestError(ValueError):
@@ -138,6 +143,58 @@ def versions(repo: Path, task: str) -> list[int]:
                   if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
 
 
+def marked_bad(version_dir: Path) -> bool:
+    """Whether an operator marked this version bad (a `BAD` file in its folder).
+
+    Raises OSError when the folder cannot be searched: a version that cannot be checked is not
+    taken as good, and the caller keeps what is serving.
+    """
+    try:
+        (version_dir / BAD_FILE).lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def prune(repo: Path, task: str, keep: int = DEFAULT_KEEP,
+          serving: Iterable[int] = ()) -> list[int]:
+    """Remove `task`'s old versions; returns the version numbers removed, ascending.
+
+    Kept: the newest `keep` versions, the newest `keep` not marked BAD (a server rolled back
+    past BAD versions serves an older one: it stays, and so do the ones it would fall back to
+    if that one failed to load), and the versions in `serving`. Only versions older than all of
+    those go, so a reader never loses a version it may be loading now or next, and the newest
+    version stays: numbers keep increasing. A version goes by one rename to a hidden
+    `.pruning-*` folder (readers see it gone at once), then its files are deleted; leftovers of
+    a prune cut short are deleted too. Safe to run beside a reader and beside a `publish`.
+    """
+    if keep < 1:
+        raise ValueError(f"keep {keep!r}: a task keeps at least its newest version")
+    task_dir = repo / check_task_id(task)
+    if not task_dir.is_dir():
+        return []
+    for leftover in task_dir.glob(".pruning-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    found = versions(repo, task)
+    good = [v for v in found if not marked_bad(task_dir / str(v))]
+    kept = {*found[-keep:], *good[-keep:], *serving}
+    oldest_kept = min(kept & set(found), default=0)
+    removed = []
+    for version in found:
+        if version >= oldest_kept:
+            break
+        trash = temp_path(task_dir, ".pruning-")
+        try:
+            os.rename(task_dir / str(version), trash)
+        except FileNotFoundError:  # another prune took it
+            continue
+        removed.append(version)
+        shutil.rmtree(trash, ignore_errors=True)
+    if removed:
+        fsync_dir(task_dir)
+    return removed
+
+
 def read_manifest(version_dir: Path) -> Manifest:
     """The manifest of one version folder, checked against the folder's task and version."""
     path = version_dir / MANIFEST_FILE
@@ -150,6 +207,11 @@ def read_manifest(version_dir: Path) -> Manifest:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        if first["loc"][:2] == ("probe", "logits") and first.get("input", 0) is None:
+            # JSON has no NaN or infinity: the manifest's writer put null in their place
+            raise ManifestError(f"{path}: {where} is null, not a number: the model's outputs "
+                                "on the probe were NaN or infinite when it was exported; a "
+                                "model that computes non-finite outputs cannot serve") from None
         raise ManifestError(f"{path}: {where}: {first['msg']}") from None
     if (manifest.task, str(manifest.version)) != (version_dir.parent.name, version_dir.name):
         raise ManifestError(f"{path}: describes {manifest.task}/{manifest.version}, "

@@ -715,3 +715,53 @@ def test_the_range_guard_can_warn_or_be_off(repo, caplog):
 def test_a_bad_range_guard_setting_is_refused(repo, options, message):
     with pytest.raises(ValueError, match=message):
         create_server(repo, port=0, **options)
+
+
+# --- bounded growth: old versions pruned -------------------------------------------------------
+
+
+def versions_made(tmp_path, n, bad=()):
+    for v in range(1, n + 1):
+        (tmp_path / "t0" / str(v)).mkdir(parents=True)
+        if v in bad:
+            mark_bad(tmp_path, "t0", v)
+    return tmp_path
+
+
+def test_prune_keeps_the_newest_versions_and_removes_the_rest(tmp_path):
+    repo = versions_made(tmp_path, 8)
+    (repo / "t0" / ".pruning-leftover" / "x").mkdir(parents=True)  # a prune cut short
+    (repo / "t0" / ".staging-other").mkdir()  # an export's: not prune's to remove
+    assert repository.prune(repo, "t0", keep=3) == [1, 2, 3, 4, 5]
+    assert repository.versions(repo, "t0") == [6, 7, 8]
+    assert sorted(p.name for p in (repo / "t0").iterdir()) == [".staging-other", "6", "7", "8"]
+    assert repository.prune(repo, "t0", keep=3) == []
+    assert repository.prune(repo, "t0", keep=1) == [6, 7]
+    assert repository.prune(repo, "nope") == []
+    with pytest.raises(ValueError, match="at least its newest version"):
+        repository.prune(repo, "t0", keep=0)
+
+
+def test_prune_keeps_what_a_server_rolled_back_to_and_what_is_serving(tmp_path):
+    repo = versions_made(tmp_path, 8, bad={7, 8})
+    assert repository.prune(repo, "t0", keep=2) == [1, 2, 3, 4]  # 7, 8 BAD: 5, 6 stay too
+    repo = versions_made(tmp_path / "b", 8, bad={4, 5, 6, 7, 8})
+    assert repository.prune(repo, "t0", keep=3) == []  # the good ones are 1-3
+    repo = versions_made(tmp_path / "c", 6)
+    assert repository.prune(repo, "t0", keep=2, serving=[3]) == [1, 2]
+    assert repository.prune(repo, "t0", keep=repository.DEFAULT_KEEP) == []
+
+
+def test_a_server_keeps_serving_while_old_versions_are_pruned(repo):
+    for _ in range(6):
+        republish(repo, repo / "t0" / "1", "t0")
+    with polled_by_hand(repo) as server:
+        assert server.models.get("t0").version == 7
+        assert repository.prune(repo, "t0", keep=3) == [1, 2, 3, 4]
+        server.models.refresh()
+        assert server.models.get("t0").version == 7
+        assert request(connect(server), "POST", "/v2/models/t0/infer", infer_body(GOOD))[0] == 200
+        mark_bad(repo, "t0", 7)
+        server.models.refresh()
+        assert server.models.get("t0").version == 6
+        assert republish(repo, repo / "t0" / "5", "t0").version == 8  # numbers keep rising

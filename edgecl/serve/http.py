@@ -6,16 +6,23 @@ Endpoints: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{task}[/versio
 Errors are `{"error": "..."}` with a 4xx status for anything the client got wrong; no input can
 end the server.
 
-The HTTP stack is `edgecl.web`'s. No web framework on top: routing is a regex, and onnxruntime
-runs inline on the loop (microseconds for the models here; a much heavier model would want
-worker processes).
+The HTTP stack is `edgecl.web`'s. No web framework on top: routing is a regex. onnxruntime runs
+on a pool of `inference_threads` threads, so health probes and small requests are answered
+while a long batch runs; only a small request (at most `inline_max_values` input values) to a
+model that has never taken over INLINE_MAX_S runs inline on the event loop, since handing a
+microsecond inference to a thread and back costs more than the inference itself. A request
+holds at most `max_batch` rows (413 beyond). After a burst of large requests the freed memory
+is handed back to the OS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +30,20 @@ import orjson
 
 from edgecl import __version__
 from edgecl.serve.guard import RangeGuard
-from edgecl.serve.kserve import BINARY_HEADER, encode_response, metadata, parse_request
+from edgecl.serve.kserve import (
+    BINARY_HEADER,
+    InferRequest,
+    encode_response,
+    metadata,
+    parse_request,
+)
 from edgecl.serve.metrics import ServerMetrics
 from edgecl.serve.models import LiveModels
 from edgecl.serve.openapi import OPENAPI
 from edgecl.serve.runtime import LoadedModel
 from edgecl.web import (
+    HEAD_TIMEOUT_S,
+    MAX_CONNECTIONS,
     HTTPServer,
     Receive,
     RequestError,
@@ -38,6 +53,7 @@ from edgecl.web import (
     error_response,
     off_loop,
     read_body,
+    release_freed_memory,
     send_response,
 )
 
@@ -47,6 +63,11 @@ MODEL_URL = re.compile(r"/v2/models/(?P<task>[^/]+)(?:/versions/(?P<version>[^/]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})  # probes need no token
 _BINARY_KEY = BINARY_HEADER.lower().encode()  # ASGI header names are lower-case bytes
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+DEFAULT_MAX_BATCH = 1024  # rows per request
+INLINE_MAX_VALUES = 16_384  # input values of a request that may run on the event loop...
+INLINE_MAX_S = 0.002  # ...unless its model once took longer than this there: never again
+TRIM_AFTER_BYTES = 1 << 20  # a request body this large or larger: memory handed back after
+TRIM_QUIET_S = 1.0  # ... once no such request came for this long
 _OPENAPI = orjson.dumps(OPENAPI)
 
 
@@ -59,12 +80,25 @@ class InferenceApp:
 
     def __init__(self, models: LiveModels, metrics: ServerMetrics, token: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 guard: RangeGuard | None = None) -> None:
+                 guard: RangeGuard | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 inference_threads: int = 1, inline_max_values: int = INLINE_MAX_VALUES
+                 ) -> None:
+        if max_batch < 1 or inference_threads < 1:
+            raise ValueError("max_batch and inference_threads must be at least 1")
         self.models = models
         self.metrics = metrics
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.guard = guard or RangeGuard()
+        self.max_batch = max_batch
+        self.inline_max_values = inline_max_values  # 0: every inference off the loop
+        self._inference = ThreadPoolExecutor(inference_threads, "edgecl-infer")
+        self._slow: weakref.WeakSet[LoadedModel] = weakref.WeakSet()  # never inline again
+        self._trim: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        """Let the inference threads go once the requests running on them are done."""
+        self._inference.shutdown(wait=False)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,19 +153,41 @@ class InferenceApp:
         if url is None or url["action"] != "/infer":
             raise RequestError(404, f"no such endpoint: POST {path}", close=True)
         body = await read_body(headers, receive, self.max_body_bytes)
+        if len(body) >= TRIM_AFTER_BYTES:
+            self._trim_when_quiet()
         model = self._model(url["task"], url["version"])
         json_length = headers.get(_BINARY_KEY)
         request = await off_loop(body, lambda: parse_request(
-            body, json_length and json_length.decode("latin-1"), model.manifest.input))
+            body, json_length and json_length.decode("latin-1"), model.manifest.input,
+            self.max_batch))
         self._check_range(model, request.x)
-        t0 = time.perf_counter()
-        logits = model.infer(request.x)
-        self.metrics.inference(model.manifest.task, time.perf_counter() - t0)
-        payload, json_part = encode_response(model.manifest, logits, request)
+        if request.x.size <= self.inline_max_values and model not in self._slow:
+            t0 = time.perf_counter()
+            payload, json_part = self._infer(model, request)
+            if time.perf_counter() - t0 > INLINE_MAX_S:
+                self._slow.add(model)
+        else:
+            payload, json_part = await asyncio.get_running_loop().run_in_executor(
+                self._inference, self._infer, model, request)
         if json_part is None:
             return Response(200, payload)
         return Response(200, payload, "application/octet-stream",
                         ((_BINARY_KEY, str(json_part).encode()),))
+
+    def _infer(self, model: LoadedModel, request: InferRequest) -> tuple[bytes, int | None]:
+        """Run and encode (on an inference thread, but for small requests to fast models)."""
+        t0 = time.perf_counter()
+        logits = model.infer(request.x)
+        self.metrics.inference(model.manifest.task, time.perf_counter() - t0)
+        return encode_response(model.manifest, logits, request)
+
+    def _trim_when_quiet(self) -> None:
+        """Hand freed memory back to the OS TRIM_QUIET_S after the last large request."""
+        loop = asyncio.get_running_loop()
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = loop.call_later(TRIM_QUIET_S, loop.run_in_executor, None,
+                                     release_freed_memory)
 
     def _check_range(self, model: LoadedModel, x: Any) -> None:
         problem = self.guard.problem(model.manifest, x)
@@ -155,14 +211,19 @@ class InferenceApp:
 
 
 class InferenceServer(HTTPServer):
-    """The inference app served by uvicorn; `run()` also hot-reloads the repository."""
+    """The inference app served by uvicorn; `run()` also hot-reloads the repository.
+    Connection limits: `edgecl.web.HTTPServer`'s, counted in the app's metrics."""
 
     def __init__(self, app: InferenceApp, host: str = "127.0.0.1", port: int = 8080,
-                 tls: tuple[Path, Path] | None = None) -> None:
-        super().__init__(app, host, port, tls)
+                 tls: tuple[Path, Path] | None = None,
+                 max_connections: int = MAX_CONNECTIONS, max_per_client: int | None = None,
+                 head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
+        super().__init__(app, host, port, tls, max_connections, max_per_client,
+                         head_timeout_s)
         self.app = app
         self.models = app.models
         self.metrics = app.metrics
+        self.metrics.watch_connections(self.guard.counts)
 
     def run(self, poll_s: float) -> None:
         """Serve, hot-reloading the repository every `poll_s` seconds, until `shutdown()`."""
@@ -171,3 +232,4 @@ class InferenceServer(HTTPServer):
             self.serve()
         finally:
             self.models.stop()
+            self.app.close()

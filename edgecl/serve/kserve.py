@@ -30,13 +30,18 @@ class InferRequest:
     binary_output: bool
 
 
-def parse_request(body: bytes, json_length: str | None, spec: TensorSpec) -> InferRequest:
-    """Decode and check a request body against the model's input `spec`."""
+def parse_request(body: bytes, json_length: str | None, spec: TensorSpec,
+                  max_batch: int | None = None) -> InferRequest:
+    """Decode and check a request body against the model's input `spec`; a batch of more than
+    `max_batch` rows is a 413."""
     header, binary = _split(body, json_length)
     request = parse_json(header)
     if not isinstance(request.get("id", ""), str):  # KServe v2: a string; echoed back as sent
         raise RequestError(400, '"id" must be a string')
     tensor = _one_input(request, spec)
+    if max_batch is not None and tensor["shape"][0] > max_batch:
+        raise RequestError(413, f"a batch of {tensor['shape'][0]:,} rows is over the limit of "
+                                f"{max_batch:,} rows per request; send it in parts")
     shape = tensor["shape"]
     params = tensor.get("parameters")
     if isinstance(params, dict) and "binary_data_size" in params:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 prometheus_client.disable_created_metrics()
 
@@ -49,9 +51,14 @@ class ServerMetrics:
             "edgecl_model_reloads_total", "New versions swapped in while serving.",
             ["task"], registry=self.registry)
         self._refused = Counter(
-            "edgecl_model_refused_total", "Versions refused (manifest, sha256, load, verify); "
-            "the previous version keeps serving.",
+            "edgecl_model_refused_total", "Versions refused (manifest, sha256, load, verify, "
+            "timeout: the probe did not finish in time, crash: the probe process died); the "
+            "previous version keeps serving.",
             ["task", "reason"], registry=self.registry)
+        self._repo_unavailable = Counter(
+            "edgecl_repository_unavailable_total", "Times the repository went missing or "
+            "listed no task while models were serving (an unmounted disk); they kept serving.",
+            registry=self.registry)
         self._out_of_range = Counter(
             "edgecl_input_out_of_range_total", "Requests whose values lie outside the task's "
             "training input range (--input-range: warned or rejected).",
@@ -85,6 +92,38 @@ class ServerMetrics:
     def refuse(self, task: str, reason: str) -> None:
         self._refused.labels(task, reason).inc()
 
+    def repository_unavailable(self) -> None:
+        self._repo_unavailable.inc()
+
+    def watch_connections(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Export the HTTP server's connection counts (`edgecl.web.ConnectionGuard.counts`)."""
+        self.registry.register(_ConnectionCollector(counts))
+
     def render(self) -> bytes:
         """The registry in the Prometheus text format (`content_type`)."""
         return prometheus_client.generate_latest(self.registry)
+
+
+class _ConnectionCollector:
+    """edgecl_connections_open, edgecl_connections_closed_total{reason} and
+    edgecl_requests_shed_total, read from the server's connection guard at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts()
+        yield GaugeMetricFamily("edgecl_connections_open", "HTTP connections open.",
+                                value=counts["open"])
+        closed = CounterMetricFamily(
+            "edgecl_connections_closed", "Connections the server closed: head_timeout (no "
+            "whole request head within the head timeout), idle_timeout (keep-alive idle), "
+            "evicted (the oldest idle connection, to make room for a new one).",
+            labels=["reason"])
+        for key, value in counts.items():
+            if key.startswith("closed_"):
+                closed.add_metric([key.removeprefix("closed_")], value)
+        yield closed
+        yield CounterMetricFamily("edgecl_requests_shed", "Requests answered 503 because the "
+                                  "maximum number of requests were in flight (health probes "
+                                  "never are).", value=counts["shed"])

@@ -13,6 +13,12 @@ stops serving the task (404, and /v2/health/ready says 503 once no task is left)
 the better of the two: it is one atomic step, it keeps the version's number taken (the next
 export gets a higher one) and its files for inspection, and deleting the `BAD` file serves the
 version again at the next poll (when it is newer than the one serving).
+
+A new version is probed (`edgecl.serve.runtime.Prober`: a child process with a time limit)
+before the refresh lock is taken, so a graph that loops forever or crashes onnxruntime is
+refused without holding up the other tasks, a rollback or a stop. A repository that lists no
+task at all while models are serving (an empty mountpoint: the disk was unmounted) is taken as
+unavailable, not as every task deleted: the models loaded keep serving.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgecl import repository
+from edgecl.repository import BAD_FILE, marked_bad
 from edgecl.serve.metrics import ServerMetrics
-from edgecl.serve.runtime import LoadedModel, ModelRefused
+from edgecl.serve.runtime import LoadedModel, ModelRefused, ProbeCancelled, Prober
 
 log = logging.getLogger("edgecl.serve")
 FileSignature = tuple[tuple[int, int], ...]
-BAD_FILE = "BAD"  # <repo>/<task>/<version>/BAD: an operator rolled this version back
+__all__ = ["BAD_FILE", "LiveModels", "file_signature", "marked_bad"]
 
 
 def file_signature(version_dir: Path) -> FileSignature:
@@ -43,19 +50,6 @@ def file_signature(version_dir: Path) -> FileSignature:
     return tuple(out)
 
 
-def marked_bad(version_dir: Path) -> bool:
-    """Whether an operator marked this version bad (a `BAD` file in its folder).
-
-    Raises OSError when the folder cannot be searched: a version that cannot be checked is not
-    taken as good, and the caller keeps what is serving.
-    """
-    try:
-        (version_dir / BAD_FILE).lstat()
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return True
-
-
 def _bad_reason(version_dir: Path) -> str:
     try:
         text = (version_dir / BAD_FILE).read_text(encoding="utf-8", errors="replace").strip()
@@ -65,15 +59,24 @@ def _bad_reason(version_dir: Path) -> str:
 
 
 class LiveModels:
-    """task -> the newest version that loaded and verified and is not rolled back."""
+    """task -> the newest version that loaded and verified and is not rolled back.
+
+    `load(folder)` loads and verifies a version (ModelRefused when it must not serve);
+    `prober`, when given, is what `load` probes with: new versions are probed with it off the
+    refresh lock first, and `stop()` closes it.
+    """
 
     def __init__(self, repo: Path, load: Callable[[Path], LoadedModel],
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, prober: Prober | None = None) -> None:
         self.repo = repo
         self._load = load
         self._metrics = metrics
+        self.prober = prober
         self._models: dict[str, LoadedModel] = {}  # replaced, never mutated: readers take no lock
         self._refused: dict[tuple[str, int], FileSignature] = {}
+        self._refusals: dict[tuple[str, int], str] = {}  # (task, version) -> why refused
+        self._refused_lock = threading.Lock()  # also guards _probing
+        self._probing: set[tuple[str, int]] = set()  # probes running off the refresh lock
         self._scan_errors: dict[str, str] = {}  # task -> why its folder cannot be listed
         self._repo_missing = False
         self._refresh_lock = threading.Lock()
@@ -86,33 +89,127 @@ class LiveModels:
     def all(self) -> dict[str, LoadedModel]:
         return self._models
 
+    def refusals(self) -> dict[tuple[str, int], str]:
+        """(task, version) -> why it was refused ("reason: message"), for versions refused
+        since start and not rewritten since."""
+        with self._refused_lock:
+            return dict(self._refusals)
+
+    def probing(self) -> set[tuple[str, int]]:
+        """(task, version) of the probes running now off the refresh lock."""
+        with self._refused_lock:
+            return set(self._probing)
+
+    @property
+    def repository_available(self) -> bool:
+        """False while the repository is missing or lists no task with models loaded."""
+        return not self._repo_missing
+
     def refresh(self) -> None:
         """Bring every task to its newest good version: load newer versions, roll back from a
         version marked BAD or removed, stop serving a task none of whose versions is left.
 
         Each task on its own: one whose folder cannot be listed, or whose refresh fails in any
         other way, is logged and keeps what it serves; the other tasks still refresh. A
-        repository folder that is gone as a whole (an unmounted disk) changes nothing.
+        repository folder that is gone as a whole, or lists no task at all (an unmounted disk),
+        changes nothing.
         """
-        with self._refresh_lock:
-            if self._models and not self.repo.is_dir():
-                if not self._repo_missing:
-                    log.warning("%s is not a folder any more; keeping the %d model(s) loaded",
-                                self.repo, len(self._models))
-                self._repo_missing = True
-                return
-            self._repo_missing = False
-            for task in sorted({*repository.tasks(self.repo), *self._models}):
+        if self._stop.is_set():
+            return
+        try:
+            if self.prober is not None:
                 try:
-                    self._refresh_task(task)
-                except OSError as e:  # logged once, not at every poll, until it changes
-                    if self._scan_errors.get(task) != str(e):
-                        log.warning("cannot scan %s: %s", self.repo / task, e)
-                    self._scan_errors[task] = str(e)
-                except Exception:
-                    log.exception("refreshing %s failed", self.repo / task)
-                else:
-                    self._scan_errors.pop(task, None)
+                    self._probe_new_versions()
+                except ProbeCancelled:
+                    raise
+                except Exception:  # the refresh under the lock still runs, and rolls back
+                    log.exception("probing new versions in %s failed", self.repo)
+            with self._refresh_lock:
+                self._refresh_all()
+        except ProbeCancelled:  # stopping
+            return
+
+    def _refresh_all(self) -> None:
+        listed = repository.tasks(self.repo)
+        if self._models and not listed:
+            if not self._repo_missing:
+                what = ("is not a folder any more" if not self.repo.is_dir()
+                        else "lists no task any more (an unmounted disk?)")
+                log.warning("%s %s; keeping the %d model(s) loaded until it lists tasks "
+                            "again", self.repo, what, len(self._models))
+                self._metrics.repository_unavailable()
+            self._repo_missing = True
+            return
+        if self._repo_missing:
+            log.warning("%s lists tasks again", self.repo)
+        self._repo_missing = False
+        for task in sorted({*listed, *self._models}):
+            try:
+                self._refresh_task(task)
+            except OSError as e:  # logged once, not at every poll, until it changes
+                if self._scan_errors.get(task) != str(e):
+                    log.warning("cannot scan %s: %s", self.repo / task, e)
+                self._scan_errors[task] = str(e)
+            except ProbeCancelled:
+                raise
+            except Exception:
+                log.exception("refreshing %s failed", self.repo / task)
+            else:
+                self._scan_errors.pop(task, None)
+
+    def _probe_new_versions(self) -> None:
+        """Probe each task's newest unrefused version newer than the one serving, without the
+        refresh lock: the slow part of a reload (and what a graph that never ends would hang)
+        runs in `prober`'s child process, time-limited. All tasks' candidates go to one child
+        process; a task whose candidate is refused sends its next older one in another round,
+        until one passes or none is left."""
+        assert self.prober is not None
+        try:
+            listed = repository.tasks(self.repo)
+        except OSError:
+            return  # said by the refresh under the lock
+        waiting: dict[str, list[int]] = {}  # task -> its candidates, newest first
+        for task in listed:
+            serving = self._models.get(task)
+            try:
+                versions = repository.versions(self.repo, task)
+                waiting[task] = [v for v in reversed(versions)
+                                 if not (serving and v <= serving.version)
+                                 and not marked_bad(self.repo / task / str(v))]
+            except OSError:
+                continue  # said by the refresh under the lock
+        while waiting and not self._stop.is_set():
+            batch: dict[Path, tuple[str, int, FileSignature]] = {}
+            for task, candidates in list(waiting.items()):
+                while candidates and task not in {t for t, _, _ in batch.values()}:
+                    version = candidates.pop(0)
+                    folder = self.repo / task / str(version)
+                    signature = file_signature(folder)
+                    with self._refused_lock:
+                        if (task, version) in self._probing:
+                            candidates.clear()  # another refresh is probing it: its turn
+                            continue
+                        if self._refused.get((task, version)) == signature:
+                            continue
+                        self._probing.add((task, version))
+                    batch[folder] = (task, version, signature)
+                if task not in {t for t, _, _ in batch.values()}:
+                    del waiting[task]
+            if not batch:
+                return
+            try:
+                verdicts = self.prober.probe_versions(list(batch))
+            finally:
+                with self._refused_lock:
+                    self._probing.difference_update((t, v) for t, v, _ in batch.values())
+            for folder, (task, version, signature) in batch.items():
+                error = verdicts[folder]
+                if error is None:  # the load under the lock finds the pass remembered
+                    waiting.pop(task, None)
+                    continue
+                serving = self._models.get(task)
+                kept = f"version {serving.version} keeps serving" if serving else "none serving"
+                self._refuse(task, version, signature, error, kept)
 
     def _refresh_task(self, task: str) -> None:
         serving = self._models.get(task)
@@ -146,19 +243,31 @@ class LiveModels:
 
     def _newest_loadable(self, task: str, candidates: list[int], kept: str
                          ) -> LoadedModel | None:
-        """The newest of `candidates` that loads and verifies; refusals are remembered."""
+        """The newest of `candidates` that loads and verifies; refusals are remembered. One
+        whose probe another refresh is running is passed over (for now)."""
         for version in reversed(candidates):
             folder = self.repo / task / str(version)
             signature = file_signature(folder)
-            if self._refused.get((task, version)) == signature:
-                continue
+            with self._refused_lock:
+                if (self._refused.get((task, version)) == signature
+                        or (task, version) in self._probing):
+                    continue
             try:
                 return self._load(folder)
             except ModelRefused as e:
-                self._refused[task, version] = signature
-                self._metrics.refuse(task, e.reason)
-                log.warning("refused %s/%s (%s): %s; %s", task, version, e.reason, e, kept)
+                self._refuse(task, version, signature, e, kept)
         return None
+
+    def _refuse(self, task: str, version: int, signature: FileSignature, e: ModelRefused,
+                kept: str) -> None:
+        """Remember, count and log a refusal, once per version and file signature."""
+        with self._refused_lock:
+            if self._refused.get((task, version)) == signature:
+                return
+            self._refused[task, version] = signature
+            self._refusals[task, version] = f"{e.reason}: {e}"
+        self._metrics.refuse(task, e.reason)
+        log.warning("refused %s/%s (%s): %s; %s", task, version, e.reason, e, kept)
 
     def start_polling(self, interval_s: float) -> None:
         """Refresh every `interval_s` seconds in a daemon thread until `stop()`."""
@@ -173,6 +282,9 @@ class LiveModels:
         self._poller.start()
 
     def stop(self) -> None:
+        """End polling; a probe running is killed, so this returns at once."""
         self._stop.set()
+        if self.prober is not None:
+            self.prober.close()
         if self._poller is not None:
             self._poller.join()

@@ -302,6 +302,19 @@ def serve(
     range_tolerance: Annotated[float, typer.Option(
         min=0.0, help="How far past the training range values may go, as a share of its "
                       "span (0.5: a [0, 1] model takes [-0.5, 1.5]).")] = 0.5,
+    max_batch: Annotated[int, typer.Option(
+        min=1, help="Rows one inference request may hold; more is a 413.")] = 1024,
+    probe_timeout_s: Annotated[float, typer.Option(
+        min=0.1, help="Seconds a new model version's probe may run in its child process "
+                      "before the version is refused (a graph that never ends).")] = 20.0,
+    max_connections: Annotated[int, typer.Option(
+        min=2, help="Connections kept open (beyond, the oldest idle one is closed) and "
+                    "requests in flight before others get a 503; health probes never do.")
+                               ] = 64,
+    max_connections_per_client: Annotated[int | None, typer.Option(
+        min=1, help="Connections and requests in flight one client address may hold "
+                    "(default: half of --max-connections; behind a reverse proxy, set it to "
+                    "--max-connections).")] = None,
 ) -> None:
     """Serve every task's newest model over HTTP (KServe v2 protocol), hot-reloading new versions.
 
@@ -324,7 +337,8 @@ def serve(
     try:
         server = create_server(repo, host, port, providers.split(",") if providers else None,
                                threads, token, int(max_body_mb * (1 << 20)), tls,
-                               input_range, range_tolerance)
+                               input_range, range_tolerance, max_batch, probe_timeout_s,
+                               max_connections, max_connections_per_client)
     except (ValueError, ListenError) as e:
         fail(str(e))
     except OSError as e:  # the repository folder itself cannot be listed

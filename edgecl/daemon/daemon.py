@@ -5,8 +5,6 @@ thread is the only one that touches the learner.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -37,6 +35,7 @@ from edgecl.daemon.publisher import Publisher
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
 from edgecl.learners import LearnerDiverged
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
+from edgecl.web import release_freed_memory
 
 log = logging.getLogger("edgecl.learn")
 READ_CHUNK = 64  # journal chunks (up to a request's samples each) read per query
@@ -105,12 +104,6 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed after a checkpoint back to the OS (glibc keeps it otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ The models are built with onnx's helper API (no torch): a 4 -> 3 linear map, opt
 an ONNX `Loop` whose trip count is fixed or read from the input.
 """
 
-import contextlib
 import http.client
 import json
 import logging
@@ -21,9 +20,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
+from test_serve import running
 
 from edgecl import repository
-from edgecl.serve import create_server
 from edgecl.serve import http as serve_http
 from edgecl.serve.runtime import ModelRefused, Prober, probe_version
 
@@ -110,19 +109,6 @@ def publish(repo, task, model: bytes, logits=None) -> int:
                   "logits": probe_logits(model) if logits is None else logits},
         "exporter": {"test": "1"}}
     return repository.publish(repo, model, fields).version
-
-
-@contextlib.contextmanager
-def running(repo, poll_s=0.05, **options):
-    server = create_server(repo, port=0, **options)
-    thread = threading.Thread(target=server.run, args=(poll_s,), daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, "the server to start")
-        yield server
-    finally:
-        server.shutdown()
-        thread.join(WAIT_S)
 
 
 def wait_for(condition, what, seconds=WAIT_S):

@@ -254,8 +254,11 @@ def test_an_end_waits_for_the_samples_its_sender_had_acknowledged(tmp_path):
     with running(daemon) as server, ThreadPoolExecutor(1) as pool:
         post_task(server, "site-a", 20)
         end = pool.submit(call, server, "POST", "/v1/tasks/site-a/end", {"samples": 60})
-        time.sleep(0.3)  # most likely the end is in first: it must wait for what follows
-        assert not end.done()  # (a slow machine only makes this surer: no timing decides it)
+        deadline = time.monotonic() + 30
+        while daemon.status()["journal"]["ends_waiting"] != 1:  # the end is in, held
+            assert time.monotonic() < deadline and not end.done(), end
+            time.sleep(0.01)
+        assert not end.done()
         post_task(server, "site-a", 40, index=1)
         status, ack, _ = end.result(timeout=30)
         assert status == 202 and ack == {"first_seq": 61, "count": 1}
@@ -336,6 +339,7 @@ def test_a_socket_flood_is_bounded_and_idle_connections_are_closed(tmp_path, mon
             answer = orjson.loads(sock.makefile("rb").readline())
             assert answer["status"] == 503 and "8 connections are open" in answer["error"]
         assert source.refused == 4 and source.active == 8
+        assert daemon.status()["ingest_events"] == {"socket_refused": 4}
         for sock in flood:
             sock.close()
         deadline = time.monotonic() + 30

@@ -261,7 +261,8 @@ def test_a_broker_with_tls_and_a_password(tmp_path: Path, daemon: Daemon) -> Non
         wrong = MqttSource(daemon, url, "dev", password="guess", ca_file=cert)
         wrong.start()
         try:
-            assert not wrong.subscribed.wait(2)  # refused: the log says why
+            assert not wrong.subscribed.wait(2)  # refused: the log says why, status counts it
+            assert daemon.status()["ingest_events"]["mqtt_connection_refused"] >= 1
         finally:
             wrong.stop()
         right = MqttSource(daemon, url, "dev", password="s3cret", ca_file=cert)

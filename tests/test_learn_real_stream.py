@@ -9,6 +9,7 @@ its samples, and what serve answers on the test windows is what the learner know
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,11 @@ def test_a_sensor_stream_over_http_and_mqtt_is_served_as_the_learner_knows_it(
             for task in bench.tasks:
                 t = status["tasks"][task.name]
                 assert t["served_version"] is not None and not t["behind"], t
+                deadline = time.monotonic() + 60  # serve's poll, then the version's probe
+                while getattr(server.models.get(task.name), "version", None) \
+                        != t["served_version"]:
+                    assert time.monotonic() < deadline, (task.name, t)
+                    time.sleep(0.05)
                 versions = serve.metadata(task.name)["versions"]
                 assert versions[-1] == str(t["served_version"])
                 manifest = repository.read_manifest(repo / task.name / versions[-1])

@@ -31,10 +31,9 @@ def served_as_the_learner_predicts(daemon: Daemon, server, client: Client, task:
     assert len(held_x) >= 10
     expected = daemon.call(lambda: daemon.learning.learner.predict(
         held_x, task).argmax(1).numpy()).result()
-    version = str(daemon.status()["tasks"][task]["served_version"])
-    deadline = time.monotonic() + 10
-    while client.metadata(task)["versions"][-1] != version if task in server.models.all() \
-            else True:
+    version = daemon.status()["tasks"][task]["served_version"]
+    deadline = time.monotonic() + 60  # a poll, and the new version's probe in a child process
+    while getattr(server.models.get(task), "version", None) != version:
         assert time.monotonic() < deadline, f"serve did not load {task} v{version}"
         time.sleep(0.05)
     np.testing.assert_array_equal(client.infer(task, held_x.numpy()).argmax(1), expected)

@@ -5,6 +5,7 @@ thread is the only one that touches the learner.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import logging
@@ -131,6 +132,10 @@ class Daemon:
         self.last_checkpoint: dict[str, Any] | None = None
         self.checkpoint_failures = 0
         self.diverged: str | None = None  # why the learner stopped, if it diverged
+        # what the ingest sources met beside samples (connections turned away or closed idle,
+        # a broker refusing or dropping the connection): counted, shown in status and metrics
+        self.ingest_events: collections.Counter[str] = collections.Counter()
+        self._events_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edgecl-learn")
         try:
@@ -219,6 +224,11 @@ class Daemon:
                                            self.cfg.learn.end_wait_s)
         self.check_backpressure()
         return self.journal.append(message)
+
+    def count(self, event: str) -> None:
+        """Count an ingest source's event (any thread)."""
+        with self._events_lock:
+            self.ingest_events[event] += 1
 
     def refusal(self, error: Exception) -> Refusal:
         """The answer to a request refused with one of `ADMISSION_ERRORS`; a refusal by
@@ -355,35 +365,36 @@ class Daemon:
                                  learning.ranges.get(task), learning.offset, force=task == force)
 
     # --- status ----------------------------------------------------------------------------
-    def _served(self, task: str) -> dict[str, Any]:
+    def _served(self, task: str, behind: list[str]) -> dict[str, Any]:
         """The task's served model: version, the journal offset it was exported at, and
-        whether the learner has moved on from it (a newer export queued or failed)."""
+        whether the learner has moved on from it (`behind`: a newer export queued or failed)."""
         served = self.publisher.served.get(task) if self.publisher else None
         return {"served_version": served.version if served else None,
                 "served_offset": served.offset if served else None,
-                "behind": self.publisher is not None and task in self.publisher.behind()}
+                "behind": task in behind}
 
     def status(self) -> dict[str, Any]:
         learning = self.learning
         accepted = dict(self.journal.accepted)
         holdout = learning.holdout.counts()
+        behind = self.publisher.behind() if self.publisher else []
         tasks = {
             task: {"accepted": n, "held_out": holdout.get(task, 0),
                    "accuracy": learning.accuracy_now.get(task),
                    "accuracy_when_learned": learning.accuracy_learned.get(task),
-                   **self._served(task)}
+                   **self._served(task, behind)}
             for task, n in accepted.items()}
         return {
             "version": __version__, "ready": self.ready, "accepted": sum(accepted.values()),
             "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
             # training steps not applied: their loss, gradients or new weights were not finite
             "skipped_steps": learning.learner.counters.get("nonfinite_steps", 0),
-            "diverged": self.diverged,
+            "diverged": self.diverged, "ingest_events": dict(self.ingest_events),
             "lost": self.lost + learning.lost,
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
                         "lag": self.lag(), "pending": len(learning.pending),
                         "damage": self.journal.damage, "write_failures": self.journal.failures,
-                        "gone": self.journal.gone,
+                        "gone": self.journal.gone, "ends_waiting": self.journal.ends_waiting,
                         "last_error": self.journal.last_error},
             "open_task": learning.learner.open_task, "tasks": tasks,
             "method": self.cfg.method.name, "device": str(learning.learner.device),

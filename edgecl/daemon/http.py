@@ -181,6 +181,12 @@ class DaemonCollector:
                                 ("skipped_steps", "Training steps not applied: their loss, "
                                                   "gradients or new weights were not finite.")):
             yield CounterMetricFamily(f"edgecl_learn_{name}", help_text, value=s[name])
+        events = CounterMetricFamily("edgecl_learn_ingest_events", "Ingest sources' events "
+                                     "beside samples (connections refused or closed idle, MQTT "
+                                     "connections refused or lost).", labels=["event"])
+        for event, n in s["ingest_events"].items():
+            events.add_metric([event], n)
+        yield events
         lag = GaugeMetricFamily("edgecl_learn_journal_lag", "Journal records not yet learned.")
         lag.add_metric([], s["journal"]["lag"])
         yield lag

@@ -347,6 +347,11 @@ class Journal:
                              y[start:end].tobytes(), x[start:end].tobytes()))
         return rows, counts
 
+    @property
+    def ends_waiting(self) -> int:
+        """Ends of task held until the samples their senders had acknowledged are in."""
+        return len(self._waiting)
+
     # --- reading ---------------------------------------------------------------------------
     @property
     def last_seq(self) -> int:

@@ -205,6 +205,7 @@ class MqttSource:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason: ReasonCode, properties: Properties | None) -> None:
         if reason.is_failure:
+            self.daemon.count("mqtt_connection_refused")
             log.error("MQTT: %s:%d refused the connection: %s", self.host, self.port, reason)
             return
         with self._lock:
@@ -229,6 +230,7 @@ class MqttSource:
             self._connected = False
         self.subscribed.clear()
         if not self._stopping.is_set():
+            self.daemon.count("mqtt_disconnected")
             log.warning("MQTT: disconnected from %s:%d (%s); reconnecting", self.host,
                         self.port, reason)
 

@@ -50,7 +50,7 @@ class _Handler(socketserver.StreamRequestHandler):
             try:
                 line = self.rfile.readline(limit + 1)
             except TimeoutError:
-                self.server.timed_out += 1
+                self.server.daemon.count("socket_idle_closed")
                 with contextlib.suppress(OSError):
                     self._reply({"error": f"nothing sent for {self.timeout:g} s; connection "
                                           "closed", "status": 408})
@@ -80,8 +80,6 @@ class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.daemon = daemon
         self.path = path
         self.active = 0  # connections being served
-        self.refused = 0  # connections turned away: every slot was taken
-        self.timed_out = 0  # connections closed for sending nothing
         self._active_lock = threading.Lock()
         self.max_line_bytes = int(daemon.cfg.learn.max_body_mb * (1 << 20))
         if path.is_socket():  # a stale socket of an earlier run: the state dir lock is ours
@@ -97,6 +95,16 @@ class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._thread = threading.Thread(target=self.serve_forever, args=(0.2,),
                                         name="edgecl-socket", daemon=True)
 
+    @property
+    def refused(self) -> int:
+        """Connections turned away: every slot was taken (status: ingest_events)."""
+        return self.daemon.ingest_events["socket_refused"]
+
+    @property
+    def timed_out(self) -> int:
+        """Connections closed for sending nothing."""
+        return self.daemon.ingest_events["socket_idle_closed"]
+
     def start(self) -> None:
         self._thread.start()
 
@@ -105,7 +113,7 @@ class SocketSource(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             full = self.active >= self.max_connections
             self.active += not full
         if full:
-            self.refused += 1
+            self.daemon.count("socket_refused")
             if self.refused % 100 == 1:
                 log.warning("unix socket: %d connections open, %d turned away so far",
                             self.max_connections, self.refused)

@@ -69,10 +69,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mosquitto(folder: Path, listener: str = "allow_anonymous true\n") -> Iterator[int]:
+def mosquitto(folder: Path, listener: str = "allow_anonymous true\n", settings: str = ""
+              ) -> Iterator[int]:
     """A real mosquitto broker of our own on a free loopback port, its listener's settings
-    `listener`; yields the port. Skipped where mosquitto is not installed, except in CI, which
-    must run it."""
+    `listener`, its general ones `settings` (else the stock ones); yields the port. Skipped
+    where mosquitto is not installed, except in CI, which must run it."""
     binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
     if binary is None:
         if os.environ.get("CI"):
@@ -80,7 +81,9 @@ def mosquitto(folder: Path, listener: str = "allow_anonymous true\n") -> Iterato
         pytest.skip("mosquitto is not installed (apt-get install mosquitto); CI runs this")
     port = free_port()
     conf = folder / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\n{listener}persistence false\nlog_dest stderr\n")
+    persistence = "" if "persistence true" in settings else "persistence false\n"
+    conf.write_text(f"listener {port} 127.0.0.1\n{listener}{persistence}{settings}"
+                    f"persistence_location {folder}/\nlog_dest stderr\n")
     with (folder / "mosquitto.log").open("wb") as out:
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -1,14 +1,18 @@
 """The journal (durable, ordered, group-committed) and the journal -> learner loop."""
 
+import dataclasses
+import shutil
+import struct
 import threading
 
 import numpy as np
 import pytest
 from learn_helpers import SHAPE, assert_same_state, stream_config, task_samples
 
-from edgecl.daemon.journal import END, FLUSH, Journal
+from edgecl.daemon import journal as journal_module
+from edgecl.daemon.journal import END, FLUSH, LOST, SAMPLE, Journal
 from edgecl.daemon.loop import Learning, held_out, replay
-from edgecl.daemon.schema import SampleError, Samples
+from edgecl.daemon.schema import SampleError, Samples, Sender
 from edgecl.learners import LearnerSpec, build_learner
 from edgecl.setup import stream_schema
 
@@ -154,3 +158,86 @@ def test_restore_and_replay_equals_an_uninterrupted_run(journal, method):
         assert_same_state(reference.learner.state_dict(), resumed.learner.state_dict())
         assert resumed.learned == reference.learned and resumed.offset == reference.offset
         assert resumed.accuracy_now == reference.accuracy_now
+
+
+def numbered(task: str, sender: str, seq: int) -> Samples:
+    return dataclasses.replace(samples(task, 2), sender=Sender(sender, seq))
+
+
+def test_a_senders_repeats_are_not_journaled_and_its_gaps_are_counted_missing(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path, max_tasks=3)
+    try:
+        answers = [journal.append(numbered("t0", "cam", n)).result() for n in (1, 2, 2, 1, 5)]
+        assert [(a.count, a.duplicate) for a in answers] == [
+            (2, False), (2, False), (0, True), (0, True), (2, False)]
+        assert journal.missing == 2 and journal.duplicates == 2  # 3 and 4 never came
+        assert journal.append(numbered("t0", "late", 3)).result().count == 2
+        assert journal.missing == 4  # a sender first heard at 3 skipped 1 and 2
+        assert journal.accepted == {"t0": 8}
+    finally:
+        journal.close()
+    again = Journal(path, max_tasks=3)
+    try:  # what a sender sent and skipped is durable
+        assert again.append(numbered("t0", "cam", 5)).result().duplicate
+        assert again.append(numbered("t0", "cam", 6)).result().count == 2
+        assert again.missing == 4 and again.senders["cam"].missing == 2
+    finally:
+        again.close()
+
+
+def test_the_senders_heard_from_least_recently_are_forgotten_beyond_the_limit(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(journal_module, "MAX_SENDERS", 2)
+    journal = Journal(tmp_path / "j.sqlite3", max_tasks=3)
+    try:
+        for name in ("a", "b", "a", "c"):
+            journal.append(numbered("t0", name, journal.senders.get(name, Sender(name, 0)).seq
+                                    + 1)).result()
+        assert set(journal.senders) == {"a", "c"}
+    finally:
+        journal.close()
+    again = Journal(tmp_path / "j.sqlite3", max_tasks=3)
+    try:
+        assert set(again.senders) == {"a", "c"}
+    finally:
+        again.close()
+
+
+def wal_frames(wal: bytes) -> tuple[int, int]:
+    """(page size, number of frames) of a SQLite WAL file."""
+    page = struct.unpack(">I", wal[8:12])[0]
+    return page, (len(wal) - 32) // (24 + page)
+
+
+def test_a_flipped_wal_bit_loses_commits_that_are_counted_and_seqs_never_go_back(tmp_path):
+    """SQLite replays a WAL up to the first frame that fails its checksum and drops the rest,
+    committed or not, saying nothing: the last seq kept outside SQLite catches it."""
+    live, copy = tmp_path / "live", tmp_path / "copy"
+    live.mkdir()
+    copy.mkdir()
+    journal = Journal(live / "j.sqlite3", max_tasks=3)
+    try:
+        for i in range(20):  # 20 commits of 3 samples, all in the WAL (open: not checkpointed)
+            journal.append(samples("t0", 3, seed=i)).result()
+        for name in ("j.sqlite3", "j.sqlite3-wal", "j.sqlite3.last-seq"):
+            shutil.copy(live / name, copy / name)  # what a power cut leaves on disk
+    finally:
+        journal.close()
+    wal = bytearray((copy / "j.sqlite3-wal").read_bytes())
+    page, frames = wal_frames(wal)
+    frame = frames // 2
+    wal[32 + frame * (24 + page) + 24 + page // 2] ^= 0x10  # one bit of that frame's page
+    (copy / "j.sqlite3-wal").write_bytes(wal)
+    damaged = Journal(copy / "j.sqlite3", max_tasks=3)
+    try:
+        chunks = damaged.read(0, 100)
+        kept = sum(c.count for c in chunks if c.kind == SAMPLE)
+        lost = [c for c in chunks if c.kind == LOST]
+        assert 0 < kept < 60 and len(lost) == 1 and lost[0].last == 60
+        assert lost[0].count == 60 - kept == damaged.damage["lost_records"]
+        assert "were acknowledged" in damaged.damage["problem"]
+        assert damaged.last_seq == 60
+        assert damaged.append(samples("t0", 1)).result().first_seq == 61
+    finally:
+        damaged.close()

@@ -273,3 +273,64 @@ def test_a_broker_with_tls_and_a_password(tmp_path: Path, daemon: Daemon) -> Non
             right.stop()
     with pytest.raises(ValueError, match="a CA file is for TLS"):
         MqttSource(daemon, "mqtt://wrist@127.0.0.1", "dev", "s3cret", ca_file=cert)
+
+
+BROKER_SETTINGS = Path(__file__).parent.parent / "deploy" / "mosquitto" / "edgecl.conf"
+BURST = 5000
+
+
+def publish_numbered(url: str, topic: str, sender: str, seqs: range) -> None:
+    """Publish one numbered sample per seq at QoS 1, pipelined; returns once the broker has
+    acknowledged every one (PUBACK)."""
+    address = parse_url(url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, orjson.dumps({"samples": [sample(y=n % 3)],
+                                                     "sender": sender, "sender_seq": n}), qos=1)
+                 for n in seqs]
+        for info in infos:
+            info.wait_for_publish(60)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.parametrize("settings", ["stock", "documented"])
+@pytest.mark.parametrize("daemon_during_burst", ["away", "running"])
+def test_a_burst_is_learned_or_counted_missing_never_lost_silently(
+        tmp_path: Path, daemon: Daemon, settings: str, daemon_during_burst: str) -> None:
+    """5,000 numbered messages published at once: every one the broker acknowledged is
+    journaled or counted missing. mosquitto's stock settings drop what queues beyond 1,000
+    while the daemon is away: counted. With deploy/mosquitto/edgecl.conf nothing is dropped."""
+    extra = BROKER_SETTINGS.read_text() if settings == "documented" else ""
+    with mosquitto(tmp_path, settings=extra) as port:
+        url = f"mqtt://127.0.0.1:{port}"
+        source = MqttSource(daemon, url, "burst")
+        source.start()  # the daemon's session and subscription: the broker queues for it
+        assert source.subscribed.wait(TIMEOUT_S)
+        if daemon_during_burst == "away":
+            source.stop()
+        topic, sender = "edgecl/burst/samples", "pub-1"
+        try:
+            publish_numbered(url, topic, sender, range(1, BURST + 1))
+            if daemon_during_burst == "away":
+                source.start()
+            publish_numbered(url, topic, sender, range(BURST + 1, BURST + 2))  # the last one
+            wait_for(lambda: sender in daemon.journal.senders
+                     and daemon.journal.senders[sender].seq == BURST + 1, "the last message",
+                     timeout=120)
+        finally:
+            source.stop()
+    journaled, missing = accepted(daemon), daemon.journal.missing
+    assert journaled + missing == BURST + 1  # one sample a message
+    if settings == "documented":
+        assert missing == 0
+    elif daemon_during_burst == "away":
+        assert missing >= BURST - 1000 - 500  # the queue limit, and what was in flight
+    wait_for(lambda: daemon.status()["learned"] == journaled, "everything journaled learned",
+             timeout=120)

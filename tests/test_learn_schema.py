@@ -7,7 +7,7 @@ from learn_helpers import CLASSES, SHAPE, stream_config
 
 from edgecl import setup
 from edgecl.config import ConfigError
-from edgecl.daemon.schema import BINARY_TYPE, SampleError, parse_body
+from edgecl.daemon.schema import BINARY_TYPE, SampleError, Sender, parse_body
 from edgecl.setup import build_config, stream_schema
 
 SCHEMA = stream_schema(stream_config())
@@ -148,7 +148,8 @@ def test_a_class_list_per_task_is_a_head_per_task_and_checked_per_task():
         stream_schema(build_config({"stream": shared_head}))
 
 
-@pytest.mark.parametrize("field", ["dtype", "scale", "task", "y", "shape"])
+@pytest.mark.parametrize("field", ["dtype", "scale", "task", "y", "shape", "request_id",
+                                   "sender", "sender_seq"])
 @pytest.mark.parametrize("value", [[], {}, None, True, 1.5, "x"])
 def test_a_binary_header_field_of_any_json_type_is_a_400(field, value):
     header = {"task": "a", "y": [0], "dtype": "float32", field: value}
@@ -157,8 +158,25 @@ def test_a_binary_header_field_of_any_json_type_is_a_400(field, value):
         parse_body(SCHEMA, body, BINARY_TYPE, 10)
     except SampleError as e:
         assert e.status == 400
-    else:  # the one value valid for its field
-        assert (field, value) == ("task", "x")
+    else:  # the values valid for their field (a request_id may be absent: null)
+        assert (field, value) in {("task", "x"), ("request_id", "x"), ("request_id", None),
+                                  ("sender", None), ("sender_seq", None)}
+
+
+def test_a_sender_numbers_its_batches_and_binary_requests():
+    sample = {"task": "a", "x": [0] * 6, "y": 0}
+    batch = parse({"samples": [sample], "sender": "cam-1", "sender_seq": 7})
+    assert batch.sender == Sender("cam-1", 7)
+    head = {"task": "a", "y": [0], "sender": "cam-1", "sender_seq": 8, "request_id": "r8"}
+    binary = parse(orjson.dumps(head) + b"\n" + np.zeros(6, "<f4").tobytes(), BINARY_TYPE)
+    assert (binary.sender, binary.request_id) == (Sender("cam-1", 8), "r8")
+    assert parse({"samples": [sample]}).sender is None
+    for extra, words in [({"sender": "cam-1"}, "go together"), ({"sender_seq": 1}, "together"),
+                         ({"sender": "c", "sender_seq": 0}, "not a message number"),
+                         ({"sender": "c", "sender_seq": True}, "not a message number"),
+                         ({"sender": "c", "sender_seq": 2**63}, "not a message number"),
+                         ({"sender": "a b", "sender_seq": 1}, "not a sender name")]:
+        assert words in str(refused({"samples": [sample], **extra}))
 
 
 def test_a_binary_header_says_the_rows_shape_and_a_transposed_one_is_refused():

@@ -16,9 +16,16 @@ journaled (from any transport), so it can never overtake them; an end repeated w
 the task journaled since the last one is answered with that one's seq, journaling nothing.
 Likewise a request whose id (`Samples.request_id`) the journal holds is answered with its first
 answer, `duplicate` set: ids are kept as long as the request's samples are (until a checkpoint
-holds them and the journal before it is truncated).
+holds them and the journal before it is truncated). A numbered sender's message (`Samples.sender`)
+numbered at or below the sender's last is answered `duplicate` with count 0; one beyond the next
+adds the numbers skipped to the sender's `missing` (see `SenderCounts`). Both are committed with
+the samples, so they survive restarts.
 
-Damage: each row carries a CRC-32 of its fields, checked on every read. At open, SQLite's
+Damage: the last seq acknowledged is also kept outside SQLite, in `<journal>.last-seq` (written
+and fsync'd after each commit, before its appends are answered): a journal that opens ending
+before it lost committed transactions (SQLite drops every WAL frame from the first one that
+fails its checksum on), and gets a LOST marker up to it; seqs never go back. Each row carries
+a CRC-32 of its fields, checked on every read. At open, SQLite's
 `quick_check` and every row's CRC are checked; a damaged journal is renamed `*.corrupt-<time>`,
 logged, and replaced by what could be read of it: rows in seq order up to the first unreadable
 one, a LOST marker in place of each row that fails its CRC and for the unreadable tail (as far
@@ -43,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl.daemon.schema import SampleError, Samples
+from edgecl.daemon.schema import SampleError, Samples, Sender
 
 log = logging.getLogger("edgecl.learn")
 SAMPLE, END, FLUSH, LOST = 0, 1, 2, 3
@@ -59,7 +66,10 @@ CREATE TABLE IF NOT EXISTS ends (task TEXT PRIMARY KEY, seq INTEGER NOT NULL,
                                  accepted INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, first_seq INTEGER NOT NULL,
                                      count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS senders (name TEXT PRIMARY KEY, seq INTEGER NOT NULL,
+                                    missing INTEGER NOT NULL, at INTEGER NOT NULL);
 """
+MAX_SENDERS = 4096  # senders remembered; beyond, the one heard from least recently is dropped
 END_POLL_S = 0.1  # how often the writer looks at waiting ends while nothing else arrives
 
 
@@ -98,6 +108,45 @@ class LastEnd:
 
     seq: int
     accepted: int
+
+
+@dataclass(frozen=True)
+class SenderState:
+    """A numbered sender's last message number, the numbers it skipped, and the journal seq
+    when it was last heard from."""
+
+    seq: int
+    missing: int
+    at: int
+
+
+class LastSeqFile:
+    """The last seq acknowledged, kept beside the journal outside SQLite: 8 bytes and their
+    CRC-32, rewritten in place and fsync'd after each commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+
+    def read(self) -> int | None:
+        """The seq written last; None when none was (or the file is damaged: logged)."""
+        data = os.pread(self._fd, 12, 0)
+        if not data:
+            return None
+        if len(data) == 12 and zlib.crc32(data[:8]) == struct.unpack("<I", data[8:])[0]:
+            return struct.unpack("<q", data[:8])[0]
+        log.error("%s is damaged: the journal's last acknowledged seq is unknown", self.path)
+        return None
+
+    def write(self, seq: int) -> None:
+        head = struct.pack("<q", seq)
+        os.pwrite(self._fd, head + struct.pack("<I", zlib.crc32(head)), 0)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class _Append:
@@ -153,8 +202,9 @@ class Journal:
             self._writer_db.execute("ALTER TABLE chunks ADD COLUMN crc INTEGER")  # older journal
         self._reader_db = connect(path)
         self._lock = threading.Condition()
-        row = self._writer_db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
-        self._last_seq = row[0] if row else 0
+        self._last_seq = self._meta("last_seq")
+        self._last_seq_file = LastSeqFile(path.with_name(path.name + ".last-seq"))
+        self._check_last_seq(self._last_seq_file.read())
         row = self._writer_db.execute("SELECT max(count) FROM chunks").fetchone()
         self.max_chunk = max(1, row[0] or 1)  # the longest chunk kept: bounds read queries
         self.accepted = dict(self._writer_db.execute("SELECT name, accepted FROM tasks"))
@@ -163,10 +213,39 @@ class Journal:
         self._waiting: list[_Append] = []  # ends waiting for their samples (writer thread)
         self.requests = {key: (first, count) for key, first, count
                          in self._writer_db.execute("SELECT id, first_seq, count FROM requests")}
+        self.senders = {name: SenderState(seq, missing, at) for name, seq, missing, at
+                        in self._writer_db.execute("SELECT name, seq, missing, at FROM senders")}
+        self.missing = self._meta("missing")  # message numbers senders skipped, ever
+        self.duplicates = 0  # requests answered as already journaled, since start
         self._queue: queue.Queue[_Append | None] = queue.Queue()
         self._thread = threading.Thread(target=self._write_loop, name="edgecl-journal",
                                         daemon=True)
         self._thread.start()
+
+    def _meta(self, key: str) -> int:
+        row = self._writer_db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else 0
+
+    def _check_last_seq(self, acknowledged: int | None) -> None:
+        """Mark as LOST what was acknowledged beyond the journal's end (lost WAL frames)."""
+        if acknowledged is None or acknowledged <= self._last_seq:
+            return
+        lost = acknowledged - self._last_seq
+        problem = (f"the journal ends at seq {self._last_seq:,} but seqs up to "
+                   f"{acknowledged:,} were acknowledged (committed transactions are gone)")
+        log.error("journal %s: %s: %d record(s) lost", self.path, problem, lost)
+        db = self._writer_db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(f"INSERT INTO chunks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   _row(self._last_seq + 1, lost, LOST, ""))
+        db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) ON CONFLICT(key) "
+                   "DO UPDATE SET value = excluded.value", (acknowledged,))
+        db.execute("COMMIT")
+        self._last_seq = acknowledged
+        earlier = self.damage or {}
+        self.damage = {**earlier, "problem": "; ".join(filter(None, [earlier.get("problem"),
+                                                                      problem])),
+                       "lost_records": int(earlier.get("lost_records", 0)) + lost}
 
     # --- writing ---------------------------------------------------------------------------
     def append(self, samples: Samples) -> Future[Appended]:
@@ -211,12 +290,12 @@ class Journal:
         self._writer_db.close()
 
     def _commit(self, group: list[_Append]) -> None:
-        state = _Pending(self._last_seq, dict(self.accepted), dict(self.ended))
+        state = _Pending(self._last_seq, dict(self.accepted), dict(self.ended), self.missing)
         for item in group:
             try:
                 if item.kind == END:
                     self._end(item, state)
-                elif self._repeated(item, state):
+                elif self._repeated(item, state) or self._resent(item, state):
                     continue
                 else:
                     new_rows, counts = self._rows(item, state.seq, state.accepted)
@@ -229,6 +308,8 @@ class Journal:
         if state.rows and self._still_ours(state):
             self._write(state)
         for item, result in state.done:
+            if isinstance(result, Appended) and result.duplicate:
+                self.duplicates += 1
             if isinstance(result, Exception):
                 item.future.set_exception(result)
             else:
@@ -244,6 +325,19 @@ class Journal:
             return False
         state.done.append((item, Appended(*first, duplicate=True)))
         return True
+
+    def _resent(self, item: _Append, state: _Pending) -> bool:
+        """A numbered sender's message at or below its last number: answered as a duplicate.
+        Otherwise its number becomes the sender's last (the numbers skipped: missing)."""
+        sender = item.samples.sender if item.samples is not None else None
+        if sender is None:
+            return False
+        last = state.senders.get(sender.name) or self.senders.get(sender.name)
+        if last is not None and sender.seq <= last.seq:
+            state.done.append((item, Appended(state.seq + 1, 0, duplicate=True)))
+            return True
+        state.number(sender, last)
+        return False
 
     def _end(self, item: _Append, state: _Pending) -> None:
         """Journal an END now, answer it as a duplicate, or let it wait for its samples."""
@@ -303,8 +397,10 @@ class Journal:
                            "ON CONFLICT(task) DO UPDATE SET seq = excluded.seq, "
                            "accepted = excluded.accepted",
                            [(t, e.seq, e.accepted) for t, e in state.ended.items()])
-            db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) ON CONFLICT(key) "
-                       "DO UPDATE SET value = excluded.value", (state.seq,))
+            forgotten = self._write_senders(state)
+            db.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) "
+                           "DO UPDATE SET value = excluded.value",
+                           [("last_seq", state.seq), ("missing", state.missing)])
             db.execute("COMMIT")
         except sqlite3.Error as e:
             log.error("journal write failed: %s", e)
@@ -320,11 +416,43 @@ class Journal:
             log.warning("the journal is writable again after %d failed commit(s)",
                         self.failures)
             self.last_error = None
+        self._mark_acknowledged(state.seq)
         with self._lock:
             self._last_seq, self.accepted, self.ended = state.seq, state.accepted, state.ended
             self.requests.update(state.requests)
+            self.senders.update(state.senders)
+            for name in forgotten:
+                del self.senders[name]
+            self.missing = state.missing
             self.max_chunk = max([self.max_chunk, *(row[1] for row in state.rows)])
             self._lock.notify_all()
+
+    def _mark_acknowledged(self, seq: int) -> None:
+        """Record `seq` outside SQLite. The commit is durable whatever happens here: a failure
+        only leaves the WAL loss it would detect undetected, so it is logged, not refused."""
+        try:
+            self._last_seq_file.write(seq)
+        except OSError as e:
+            self.last_error = f"cannot record the last seq in {self._last_seq_file.path}: {e}"
+            log.error("%s", self.last_error)
+
+    def _write_senders(self, state: _Pending) -> list[str]:
+        """Write the senders heard from; forget the least recently heard beyond MAX_SENDERS.
+        Returns those forgotten."""
+        if not state.senders:
+            return []
+        self._writer_db.executemany(
+            "INSERT INTO senders (name, seq, missing, at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, missing = excluded.missing, "
+            "at = excluded.at", [(n, s.seq, s.missing, s.at) for n, s in state.senders.items()])
+        known = {**self.senders, **state.senders}
+        excess = len(known) - MAX_SENDERS
+        if excess <= 0:
+            return []
+        forgotten = sorted(known, key=lambda n: known[n].at)[:excess]
+        self._writer_db.executemany("DELETE FROM senders WHERE name = ?",
+                                    [(n,) for n in forgotten])
+        return forgotten
 
     def _rows(self, item: _Append, seq: int, accepted: dict[str, int]
               ) -> tuple[list[tuple], dict[str, int]]:
@@ -383,6 +511,7 @@ class Journal:
             self._writer_db.execute("INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
                                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                                     (seq,))
+            self._last_seq_file.write(seq)
             with self._lock:
                 self._last_seq = seq
 
@@ -409,6 +538,7 @@ class Journal:
         self._queue.put(None)
         self._thread.join()
         self._reader_db.close()
+        self._last_seq_file.close()
 
 
 @dataclass
@@ -418,7 +548,9 @@ class _Pending:
     seq: int
     accepted: dict[str, int]
     ended: dict[str, LastEnd]
+    missing: int
     requests: dict[str, tuple[int, int]] = field(default_factory=dict)  # new request ids
+    senders: dict[str, SenderState] = field(default_factory=dict)  # senders heard from
     rows: list[tuple] = field(default_factory=list)
     done: list[tuple[_Append, Appended | Exception]] = field(default_factory=list)
 
@@ -429,6 +561,18 @@ class _Pending:
             self.requests[item.samples.request_id] = (self.seq + 1, count)
         self.rows.extend(rows)
         self.seq += count
+
+    def number(self, sender: Sender, last: SenderState | None) -> None:
+        """`sender` is heard from; the numbers it skipped since `last` are missing (all below
+        its number when it is new: senders number their messages from 1)."""
+        skipped = sender.seq - 1 - (last.seq if last else 0)
+        if skipped:
+            log.warning("sender %s: message %d follows %d: %d message(s) missing (dropped on "
+                        "the way, or refused)", sender.name, sender.seq,
+                        last.seq if last else 0, skipped)
+        self.missing += skipped
+        self.senders[sender.name] = SenderState(sender.seq, (last.missing if last else 0)
+                                                + skipped, self.seq)
 
     def add_end(self, item: _Append) -> None:
         task = item.task or ""

@@ -31,9 +31,18 @@ task's samples the publisher had acknowledged, on any transport, before it sent 
 `edgecl.daemon.schema`): it follows the task's samples published before it on this topic, and
 waits in the journal for those sent another way.
 
-paho's network thread only queues deliveries; one worker thread validates, journals, waits for
-durability and acks (paho's `ack` and `publish` queue a packet and wake the network thread:
-both are safe from another thread while `loop_start` runs it).
+Group commit: paho's network thread only queues deliveries; one worker thread takes every
+delivery waiting (up to our Receive Maximum), validates and submits them all to the journal in
+order, which commits them together (hundreds of messages per transaction under load), then
+acks each in order once durable (paho's `ack` and `publish` queue a packet and wake the network
+thread: both are safe from another thread while `loop_start` runs it). A message held back
+(backpressure, a journal error) holds back the ones after it: order is kept.
+
+Broker drops. A broker may drop QoS 1 messages it accepted (mosquitto's stock
+`max_queued_messages 1000`: what is queued for a client beyond that while it is away or slow is
+discarded, and nobody is told). The daemon cannot see what never reaches it; a publisher that
+numbers its messages (`sender`, `sender_seq`: see `edgecl.daemon.schema`) makes every dropped
+message a counted `missing` one. The broker settings that drop nothing are in docs/learn.md.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ from edgecl.daemon.schema import SampleError
 
 log = logging.getLogger("edgecl.learn")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-RECEIVE_MAXIMUM = 64  # unacked QoS 1 messages the broker may have in flight to us
+RECEIVE_MAXIMUM = 512  # unacked QoS 1 messages the broker may have in flight to us
 SESSION_EXPIRY_S = 0xFFFFFFFF  # MQTT 5: the session never expires
 KEEPALIVE_S = 30
 RECONNECT_DELAY_S = (1, 30)  # paho's reconnect backoff: min, max
@@ -250,53 +259,100 @@ class MqttSource:
 
     # --- the worker thread -----------------------------------------------------------------
     def _work(self) -> None:
+        held: list[Delivery] = []  # taken, not yet acked, in delivery order
         while not self._stopping.is_set():
-            try:
-                delivery = self._queue.get(timeout=POLL_S)
-            except queue.Empty:
+            held += self._take(wait=not held)
+            if not held:
                 continue
             try:
-                self._handle(delivery)
-            except Exception:  # the worker goes on; the message stays unacked (redelivered)
-                log.exception("MQTT: message %d on %s failed", delivery.mid, delivery.topic)
+                held = self._handle(held)
+            except Exception:  # the worker goes on; the messages stay unacked (redelivered)
+                log.exception("MQTT: %d message(s) failed", len(held))
+                held = []
 
-    def _handle(self, delivery: Delivery) -> None:
+    def _take(self, wait: bool) -> list[Delivery]:
+        """Every delivery waiting (at most RECEIVE_MAXIMUM); with `wait`, at least one unless
+        POLL_S passes first."""
+        taken: list[Delivery] = []
+        try:
+            if wait:
+                taken.append(self._queue.get(timeout=POLL_S))
+            while len(taken) < RECEIVE_MAXIMUM:
+                taken.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return taken
+
+    def _handle(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Journal `deliveries` in order, together, and ack those durable. Returns those held
+        back to retry (a refusal with a delay: those the journal refused, and from the first
+        one refused before the journal on), after waiting the longest delay."""
+        submitted: list[tuple[Delivery, concurrent.futures.Future[Appended]]] = []
+        untried: list[Delivery] = []
+        delays = [0.0]
+        for i, delivery in enumerate(deliveries):
+            outcome = self._submit(delivery)
+            if isinstance(outcome, Refusal):
+                untried, delays = deliveries[i:], [outcome.retry_after_s or 0.0]
+                break
+            if outcome is not None:
+                submitted.append((delivery, outcome))
+        held = []
+        for delivery, future in submitted:
+            outcome = self._journal(delivery, future)
+            if isinstance(outcome, Appended):
+                self._ack(delivery)
+            elif isinstance(outcome, Refusal):
+                held.append(delivery)
+                delays.append(outcome.retry_after_s or 0.0)
+        held += untried
+        if held:
+            self._stopping.wait(max(delays))
+        return held
+
+    def _submit(self, delivery: Delivery
+                ) -> concurrent.futures.Future[Appended] | Refusal | None:
+        """The journal's future for the message; a Refusal to retry later; None when it was
+        refused for good (acked and reported)."""
         d = self.daemon
         try:
-            message = d.parse(delivery.payload, delivery.content_type)
+            return d.submit(d.parse(delivery.payload, delivery.content_type))
         except SampleError as e:
             self._reject(delivery, d.refusal(e))
-            return
-        while not self._stopping.is_set():
-            try:
-                appended = self._journal(d.submit(message))
-            except ADMISSION_ERRORS as e:  # e.g. a task beyond max_tasks, backpressure
-                refusal = d.refusal(e)
-                if refusal.retry_after_s is None:
-                    self._reject(delivery, refusal)
-                    return
+        except ADMISSION_ERRORS as e:  # e.g. a task beyond max_tasks, backpressure
+            refusal = d.refusal(e)
+            if refusal.retry_after_s is not None:
                 log.log(logging.ERROR if refusal.status == 507 else logging.DEBUG,
                         "MQTT: holding message %d unacked (%s); retrying in %g s",
                         delivery.mid, refusal.message, refusal.retry_after_s)
-                self._stopping.wait(refusal.retry_after_s)
-            else:
-                if appended is not None:
-                    self._ack(delivery)
-                return
+                return refusal
+            self._reject(delivery, refusal)
+        return None
 
-    def _journal(self, future: concurrent.futures.Future[Appended]) -> Appended | None:
-        """The future's result once durable; None when stopping took longer than the grace."""
+    def _journal(self, delivery: Delivery, future: concurrent.futures.Future[Appended]
+                 ) -> Appended | Refusal | None:
+        """The future's result once durable; a Refusal to retry later; None when the journal
+        refused the message for good (acked and reported) or stopping took longer than the
+        grace (it stays unacked)."""
         deadline: float | None = None
         while True:
             done, _ = concurrent.futures.wait([future], timeout=POLL_S)
             if done:
-                return future.result()
+                break
             if self._stopping.is_set():
                 deadline = deadline or time.monotonic() + self.stop_grace_s
                 if time.monotonic() >= deadline:
                     log.warning("MQTT: stopping before the journal write completed; the "
                                 "message stays unacked")
                     return None
+        try:
+            return future.result()
+        except ADMISSION_ERRORS as e:
+            refusal = self.daemon.refusal(e)
+            if refusal.retry_after_s is not None:
+                return refusal
+            self._reject(delivery, refusal)
+            return None
 
     def _ack(self, delivery: Delivery) -> None:
         """PUBACK on the connection that delivered the message, else none (redelivered)."""

@@ -15,6 +15,14 @@ or in the binary header; over HTTP also the `Idempotency-Key` header): a request
 journal holds already is answered with its first answer and journaled nothing, so a client may
 send a request again after a lost connection without it being learned twice.
 
+A sender whose messages travel in order (one MQTT publisher on its topic, one socket or HTTP
+connection sending one request at a time) may number them: `"sender": "cam-1-3f9a"` (its name,
+new for each run of the sender: the same rule as a request id) and `"sender_seq": 1, 2, ...`,
+both in a batch or the binary header. The journal keeps each sender's last number: a number
+not above it is a redelivery, answered `duplicate` and journaled nothing; a number beyond the
+next counts the ones skipped as missing (a broker that dropped messages, or messages refused),
+so nothing a broker loses goes unnoticed (see `Journal`).
+
 An end of task travels the same way on every transport: `{"end_task": "site-a", "samples": 240}`
 (HTTP also takes it as POST /v1/tasks/site-a/end with `{"samples": 240}`). `samples`, optional,
 is how many samples of the task the sender had acknowledged before sending the end: the end is
@@ -42,6 +50,7 @@ BINARY_TYPE = "application/vnd.edgecl.samples"
 BINARY_DTYPES = {"float32": "<f4", "uint8": "u1"}
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 REQUEST_ID_RULE = "1 to 128 printable ASCII characters, no spaces"
+BATCH_KEYS = {"samples", "request_id", "sender", "sender_seq"}
 
 
 class SampleError(ValueError):
@@ -61,6 +70,14 @@ class EndTask:
     samples: int | None = None
 
 
+@dataclass(frozen=True)
+class Sender:
+    """The `seq`-th message (from 1) of the sender `name`."""
+
+    name: str
+    seq: int
+
+
 @dataclass(frozen=True, eq=False)
 class Samples:
     """Validated samples in request order: `x` float32 [n, *input_shape], `y` int64 [n]."""
@@ -69,6 +86,7 @@ class Samples:
     x: np.ndarray
     y: np.ndarray
     request_id: str | None = None  # the client's id of the request: journaled at most once
+    sender: Sender | None = None  # who sent it, numbered in order: gaps and repeats are seen
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -90,11 +108,11 @@ def parse_body(schema: SampleSchema, body: bytes, content_type: str,
     if kind and kind not in JSON_TYPES:
         raise SampleError(f"Content-Type {kind!r} not supported; use one of "
                           f"{', '.join((*JSON_TYPES, BINARY_TYPE))}", 415)
-    records, request_id = json_records(body)
+    records, envelope = json_records(body)
     if len(records) == 1 and isinstance(records[0], dict) and "end_task" in records[0]:
         return end_record(records[0])
     samples = parse_records(schema, records, max_samples, json_may_hold_booleans(body))
-    return dataclasses.replace(samples, request_id=request_id) if request_id else samples
+    return dataclasses.replace(samples, **envelope) if envelope else samples
 
 
 def end_body(task: str, body: bytes) -> EndTask:
@@ -124,9 +142,25 @@ def check_request_id(request_id: Any, where: str = "request_id") -> str:
     return request_id
 
 
-def json_records(body: bytes) -> tuple[list[Any], str | None]:
-    """One sample, `{"samples": [...], "request_id"?}`, or NDJSON lines: the records, not yet
-    validated, and the request's id if it names one."""
+def check_sender(doc: dict[str, Any], where: str) -> Sender | None:
+    """`doc`'s `sender` and `sender_seq` (both or neither), checked."""
+    name, seq = doc.get("sender"), doc.get("sender_seq")
+    if name is None and seq is None:
+        return None
+    if name is None or seq is None:
+        raise SampleError(f"{where}: sender and sender_seq go together; got only one")
+    if not isinstance(name, str) or not REQUEST_ID.fullmatch(name):
+        raise SampleError(f"{where}: sender {name!r} is not a sender name ({REQUEST_ID_RULE})")
+    if type(seq) is not int or not 1 <= seq < 2**63:
+        raise SampleError(f"{where}: sender_seq {seq!r} is not a message number (an integer "
+                          ">= 1)")
+    return Sender(name, seq)
+
+
+def json_records(body: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """One sample, `{"samples": [...], "request_id"?, "sender"?, "sender_seq"?}`, or NDJSON
+    lines: the records, not yet validated, and what the batch says of itself (`request_id`,
+    `sender`: fields of `Samples`) when it does."""
     lines = [line for line in body.split(b"\n") if line.strip()]
     if not lines:
         raise SampleError("empty body: send a sample, {\"samples\": [...]} or NDJSON lines")
@@ -135,13 +169,16 @@ def json_records(body: bytes) -> tuple[list[Any], str | None]:
     if len(docs) == 1 and isinstance(docs[0], dict) and "samples" in docs[0] \
             and "end_task" not in docs[0]:  # an end's "samples" is a count
         batch = docs[0]
-        if not {"samples"} <= set(batch) <= {"samples", "request_id"} \
-                or not isinstance(batch["samples"], list):
-            raise SampleError('a batch is {"samples": [sample, ...], "request_id"?} and nothing '
-                              "else")
-        request_id = batch.get("request_id")
-        return batch["samples"], None if request_id is None else check_request_id(request_id)
-    return docs, None
+        if not {"samples"} <= set(batch) <= BATCH_KEYS or not isinstance(batch["samples"], list):
+            raise SampleError('a batch is {"samples": [sample, ...], "request_id"?, "sender"?, '
+                              '"sender_seq"?} and nothing else')
+        envelope: dict[str, Any] = {}
+        if batch.get("request_id") is not None:
+            envelope["request_id"] = check_request_id(batch["request_id"])
+        if (sender := check_sender(batch, "batch")) is not None:
+            envelope["sender"] = sender
+        return batch["samples"], envelope
+    return docs, {}
 
 
 def _json(data: bytes, where: str) -> Any:
@@ -245,13 +282,14 @@ def parse_binary(schema: SampleSchema, body: bytes, max_samples: int) -> Samples
     if not newline:
         raise SampleError("binary body: a JSON header line must end with a newline")
     header = _json(head, "binary header")
-    allowed = {"task", "y", "dtype", "scale", "shape", "request_id"}
+    allowed = {"task", "y", "dtype", "scale", "shape", "request_id", "sender", "sender_seq"}
     if not isinstance(header, dict) or not {"task", "y"} <= set(header) <= allowed:
         raise SampleError('binary header: must be {"task", "y", "dtype"?, "scale"?, "shape"?, '
-                          '"request_id"?}')
+                          '"request_id"?, "sender"?, "sender_seq"?}')
     request_id = header.get("request_id")
     if request_id is not None:
         check_request_id(request_id, "binary header: request_id")
+    sender = check_sender(header, "binary header")
     task = check_task(header["task"])
     if not isinstance(header["y"], list):
         raise SampleError("binary header: y must be a list of labels, one per row")
@@ -278,7 +316,7 @@ def parse_binary(schema: SampleSchema, body: bytes, max_samples: int) -> Samples
     elif scale != 1.0:
         raise SampleError("binary header: scale applies to uint8 rows only")
     return Samples([task] * n, _finite_float32(x, schema), np.array(labels, dtype=np.int64),
-                   request_id)
+                   request_id, sender)
 
 
 def _check_count(n: int, max_samples: int) -> None:

@@ -24,8 +24,9 @@ from edgecl.setup import benchmark_for, load_config
 CHANCE = 0.25  # 4 activities
 
 
-def raw_task_file(path: Path) -> Path:
-    """Two tasks of raw BasicMotions windows [6, 64]: worn as recorded, and turned 90°."""
+def raw_task_file(path: Path, scale: float = 1.0) -> Path:
+    """Two tasks of raw BasicMotions windows [6, 64]: worn as recorded, and turned 90°; the
+    values times `scale` (a sensor reporting in other units)."""
     aeon = pytest.importorskip("aeon.datasets")
     rng = np.random.default_rng(0)
     axes, signs = [1, 0, 2, 4, 3, 5], np.float32([-1, 1, 1, -1, 1, 1])[:, None]
@@ -36,6 +37,7 @@ def raw_task_file(path: Path) -> Path:
         order = rng.permutation(len(x))
         x, y, source = x[order], labels[source[order]], source[order]
         worn = source % 2 == 0
+        x = x * np.float32(scale)
         arrays[f"task0_x_{split}"], arrays[f"task0_y_{split}"] = x[worn], y[worn]
         arrays[f"task1_x_{split}"] = x[~worn][:, axes] * signs
         arrays[f"task1_y_{split}"] = y[~worn]
@@ -58,9 +60,10 @@ def test_every_method_learns_raw_sensor_units_with_its_defaults(tmp_path):
 
 
 def test_a_diverging_run_is_marked_not_silent(tmp_path):
-    """normalize: none on raw units: GEM's lr 0.1 diverges; the skipped steps and the chance
-    result are said, and the model stays finite (it exits 0: the run itself is usable data)."""
-    data = raw_task_file(tmp_path / "raw.npz")
+    """normalize: none on raw units ten times larger (readings in other units): GEM's default
+    learning rate diverges on most steps; the skipped steps and the chance result are said, and
+    the model stays finite (it exits 0: the run itself is usable data)."""
+    data = raw_task_file(tmp_path / "raw.npz", scale=10.0)
     config = tmp_path / "raw-none.yaml"
     config.write_text("normalize: none\n")
     r = CliRunner().invoke(app, ["bench", "--config", str(config), "--benchmark", f"file:{data}",

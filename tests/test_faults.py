@@ -4,16 +4,26 @@ acknowledged and still on disk is lost, and what damage destroyed is counted, no
 (A corrupt newest checkpoint: test_learn_daemon.py; a corrupt newest model version under
 `edgecl serve`: test_serve.py.)"""
 
+import contextlib
 import errno
 import logging
 import re
+import stat
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 
+import numpy as np
+import orjson
 from conftest import small_tmpfs
 from learn_helpers import call, records, running, stream_config, task_samples, wait_learned
 
+from edgecl.config import Config
 from edgecl.daemon.daemon import Daemon
 from edgecl.daemon.journal import LOST, SAMPLE, Journal
+from edgecl.daemon.schema import BINARY_TYPE
+from edgecl.setup import build_config
 
 REQUESTS, PER_REQUEST = 12, 200  # 6 kB a request: rows span many pages
 
@@ -21,6 +31,14 @@ REQUESTS, PER_REQUEST = 12, 200  # 6 kB a request: rows span many pages
 def post(server, task: str, n: int, index: int = 0):
     x, y = task_samples(index, n, seed=n)
     return call(server, "POST", "/v1/samples", {"samples": records(task, x, y)})
+
+
+def post_retrying(server, task: str, n: int, index: int = 0, timeout_s: float = 60.0):
+    """`post`, sent again after each 507 (a full disk) until accepted or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while (answer := post(server, task, n, index))[0] == 507 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return answer
 
 
 def journal_unlearned(tmp_path) -> tuple[Daemon, list[bytes]]:
@@ -112,32 +130,119 @@ def test_a_full_disk_is_refused_with_507_until_space_returns_and_nothing_is_lost
         with running(daemon) as server:
             assert post(server, "a", 40)[0] == 202
             acked += 40
-            fill(disk)
-            answers = []
-            for i in range(200):  # the WAL's free pages may still take a few
-                status, body, response = post(server, "a", 40, i)
-                answers.append(status)
-                if status == 202:
-                    acked += 40
-                else:
-                    break
-            assert status == 507, answers
-            assert "disk is full" in body["error"] and response.getheader("Retry-After")
-            state = call(server, "GET", "/v1/status")[1]
-            assert state["journal"]["write_failures"] >= 1
-            assert "full" in state["journal"]["last_error"]
-            metrics = call(server, "GET", "/metrics")[1]
-            assert re.search(r"^edgecl_learn_journal_write_failures_total [1-9]", metrics, re.M)
+            with learner_held(daemon):  # no checkpoint makes room meanwhile: the journal's 507
+                fill(disk)
+                answers = []
+                for i in range(200):  # the WAL's free pages may still take a few
+                    status, body, response = post(server, "a", 40, i)
+                    answers.append(status)
+                    if status == 202:
+                        acked += 40
+                    else:
+                        break
+                assert status == 507, answers
+                assert "disk is full" in body["error"] and response.getheader("Retry-After")
+                state = call(server, "GET", "/v1/status")[1]
+                assert state["journal"]["write_failures"] >= 1
+                assert "full" in state["journal"]["last_error"]
+                metrics = call(server, "GET", "/metrics")[1]
+                assert re.search(r"^edgecl_learn_journal_write_failures_total [1-9]", metrics,
+                                 re.M)
             for filler in disk.glob("filler-*"):
                 filler.unlink()
-            for i in range(3):
-                assert post(server, "a", 40, 100 + i)[0] == 202
+            for i in range(3):  # a 507 may still come while a checkpoint makes room
+                assert post_retrying(server, "a", 40, 100 + i)[0] == 202
                 acked += 40
             wait_learned(daemon, acked)
             state = call(server, "GET", "/v1/status")[1]
         assert state["accepted"] == state["learned"] == acked and state["lost"] == 0
         assert state["journal"]["last_error"] is None
         journal = Journal(disk / "state" / "journal.sqlite3", 3)
-        journaled = sum(c.count for c in journal.read(0, 10_000) if c.kind == SAMPLE)
         journal.close()
-        assert journaled == acked  # exactly the acknowledged samples, none refused
+        assert journal.accepted == {"a": acked}  # exactly the acknowledged ones, none refused
+
+
+WIDE = 1000  # floats a sample: 4 kB, so that a few thousand fill a small disk
+
+
+def wide_config(**learn) -> Config:
+    return build_config({
+        "seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [4]},
+        "memory": {"per_task": 8}, "method": {"name": "finetune"},
+        "stream": {"input_shape": [WIDE], "classes": ["a", "b"], "head": "shared",
+                   "max_tasks": 2, "batch_size": 10},
+        "learn": learn})
+
+
+def post_wide(server, n: int = 50):
+    header = orjson.dumps({"task": "a", "y": [0, 1] * (n // 2)}) + b"\n"
+    x = np.random.default_rng(n).random((n, WIDE), dtype=np.float32)
+    return call(server, "POST", "/v1/samples", header + x.tobytes(),
+                {"Content-Type": BINARY_TYPE})
+
+
+@contextlib.contextmanager
+def learner_held(daemon: Daemon) -> Iterator[None]:
+    """The learning thread waits (nothing is learned, checkpointed or truncated) until the
+    block ends."""
+    release = threading.Event()
+    daemon.call(release.wait)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_a_journal_that_fills_its_disk_recovers_by_itself_and_loses_nothing(tmp_path, caplog):
+    """The journal alone fills the state dir's disk (a real 16 MB tmpfs) while the learner
+    waits: ingest answers 507. With no one freeing space, the daemon checkpoints in the room of
+    its space reserve and truncates the journal, and samples are accepted again; every one
+    acknowledged is learned."""
+    with small_tmpfs(tmp_path / "disk", "16m") as disk, \
+            caplog.at_level(logging.INFO, logger="edgecl.learn"):
+        daemon = Daemon(wide_config(checkpoint_every=100, checkpoint_seconds=0.2), disk / "state")
+        assert daemon.status()["disk"]["reserve_bytes"] > 0
+        acked = 0
+        with running(daemon) as server:
+            with learner_held(daemon):
+                while (answer := post_wide(server))[0] == 202:
+                    acked += 50
+                assert answer[0] == 507 and "disk is full" in answer[1]["error"]
+                full_at = daemon.journal.last_seq
+            deadline = time.monotonic() + 120
+            while (answer := post_wide(server))[0] != 202:
+                assert answer[0] == 507 and time.monotonic() < deadline, answer
+                time.sleep(0.05)
+            acked += 50
+            wait_learned(daemon, acked)
+            state = call(server, "GET", "/v1/status")[1]
+            metrics = call(server, "GET", "/metrics")[1]
+        assert state["accepted"] == state["learned"] == acked and state["lost"] == 0
+        assert state["last_checkpoint"]["offset"] >= full_at  # so the journal was truncated
+        assert state["checkpoint_failures"] == 0 and state["disk"]["reserve_used"] >= 1
+        assert re.search(r"^edgecl_learn_disk_reserve_used_total [1-9]", metrics, re.M)
+        assert "reserve used" in caplog.text
+
+
+def test_a_checkpoint_on_a_full_disk_is_written_in_the_space_reserve(tmp_path):
+    """The reserve (0600) is given up for a checkpoint that finds the disk full, only that
+    checkpoint is kept, and the reserve is held again once there is room."""
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        daemon = Daemon(wide_config(keep_checkpoints=3), disk / "state")
+        reserve = disk / "state" / "reserve"
+        assert stat.S_IMODE(reserve.stat().st_mode) == 0o600
+        assert daemon.status()["disk"] == {"reserve_bytes": reserve.stat().st_size,
+                                           "reserve_used": 0}
+        with running(daemon) as server:
+            assert post_wide(server)[0] == 202
+            wait_learned(daemon, 50)
+            fill(disk)
+            assert call(server, "POST", "/v1/checkpoint")[0] == 200
+            assert daemon.status()["disk"]["reserve_used"] == 1
+            assert len(list((disk / "state" / "checkpoints").glob("ckpt-*"))) == 1
+            for filler in disk.glob("filler-*"):
+                filler.unlink()
+            assert call(server, "POST", "/v1/checkpoint")[0] == 200
+            state = call(server, "GET", "/v1/status")[1]
+        assert state["disk"]["reserve_bytes"] == reserve.stat().st_size > 0
+        assert state["checkpoint_failures"] == 0

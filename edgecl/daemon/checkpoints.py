@@ -67,8 +67,10 @@ class CheckpointStore:
         return sorted(found, key=lambda p: (int(NAME.fullmatch(p.name)["offset"]),
                                             p.stat().st_mtime_ns))
 
-    def save(self, learner: Learner, meta: dict[str, Any], offset: int) -> Path:
-        """Write a checkpoint at journal `offset`; keep only the newest `keep`."""
+    def save(self, learner: Learner, meta: dict[str, Any], offset: int,
+             keep: int | None = None) -> Path:
+        """Write a checkpoint at journal `offset`; keep only the newest `keep` (the store's
+        unless given)."""
         hashing: _HashingWriter | None = None
 
         def name() -> str:
@@ -82,7 +84,7 @@ class CheckpointStore:
             except RuntimeError as e:  # torch's zip writer turns a failed write (ENOSPC) into this
                 raise OSError(f"checkpoint write failed: {e}") from e
         path = self.folder / name()
-        for old in self.paths()[:-self.keep]:
+        for old in self.paths()[:-(keep or self.keep)]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         return path

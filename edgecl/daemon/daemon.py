@@ -33,6 +33,7 @@ from edgecl.daemon.journal import (
 )
 from edgecl.daemon.loop import Learning
 from edgecl.daemon.publisher import Publisher
+from edgecl.daemon.reserve import SpaceReserve, reserve_size
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
 from edgecl.learners import LearnerDiverged
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
@@ -125,6 +126,8 @@ class Daemon:
         self._lock_fd = lock_state_dir(state_dir)
         self.journal = Journal(state_dir / "journal.sqlite3", self.schema.max_tasks)
         self.checkpoints = CheckpointStore(state_dir / "checkpoints", cfg.learn.keep_checkpoints)
+        self.reserve = SpaceReserve(state_dir / "reserve")
+        self.making_room = False  # a checkpoint uses the reserve: ingest must not take it
         self.publisher = Publisher(repo, self.spec, self.schema,
                                    f"edgecl learn {state_dir.resolve()}") if repo else None
         self.rejected = 0
@@ -219,6 +222,9 @@ class Daemon:
     def submit(self, message: Samples | EndTask) -> Future[Appended]:
         """Journal validated samples (unless the learner lags: Backpressure) or an end of task;
         the future resolves once it is durable. Every transport admits requests this way."""
+        if self.making_room:
+            raise JournalError("the disk is full: making room (a checkpoint, then the journal "
+                               "truncated); nothing was accepted")
         if isinstance(message, EndTask):
             return self.journal.append_end(message.task, message.samples,
                                            self.cfg.learn.end_wait_s)
@@ -334,18 +340,39 @@ class Daemon:
                 future.set_exception(e)
 
     def _save_checkpoint(self, learning: Learning, force: bool = False) -> None:
-        """Checkpoint, unless nothing was learned since the last one (and not `force`)."""
+        """Checkpoint, unless nothing was learned since the last one (and not `force`), and
+        truncate the journal. When that fails (a full disk), the space reserve is given up and
+        only the new checkpoint kept, so that the journal can be truncated to it."""
         if not force and self.last_checkpoint and self.last_checkpoint["offset"] == learning.offset:
             return
         t0 = time.perf_counter()
-        meta = {"learning": learning.state_dict()}
-        path = self.checkpoints.save(learning.learner, meta, learning.offset)
-        self.journal.truncate(self.checkpoints.oldest_offset())
+        try:
+            path = self._checkpoint_and_truncate(learning)
+        except OSError as e:
+            log.error("checkpoint failed, the disk of %s may be full: %s; giving up the space "
+                      "reserve (%d bytes) and the older checkpoints to make room",
+                      self.state_dir, e, self.reserve.bytes)
+            self.making_room = True
+            try:
+                freed = self.reserve.give_up()
+                path = self._checkpoint_and_truncate(learning, keep=1)
+            finally:
+                self.making_room = False
+            log.warning("checkpoint %s written and the journal truncated in the room made (%d "
+                        "bytes of reserve used); the reserve is taken again once there is room",
+                        path.name, freed)
+        self.reserve.hold(reserve_size(path, self.journal.path))
         self.footprint = learning.learner.footprint().to_dict()
         self.last_checkpoint = {"file": path.name, "offset": learning.offset,
                                 "at": time.time(), "seconds": time.perf_counter() - t0}
         log.info("checkpoint %s (%.2f s)", path.name, self.last_checkpoint["seconds"])
         release_freed_memory()
+
+    def _checkpoint_and_truncate(self, learning: Learning, keep: int | None = None) -> Path:
+        meta = {"learning": learning.state_dict()}
+        path = self.checkpoints.save(learning.learner, meta, learning.offset, keep)
+        self.journal.truncate(self.checkpoints.oldest_offset())
+        return path
 
     def _consolidated(self, task: str) -> None:
         accs = self.learning.rows[task]
@@ -391,16 +418,22 @@ class Daemon:
             "skipped_steps": learning.learner.counters.get("nonfinite_steps", 0),
             "diverged": self.diverged, "ingest_events": dict(self.ingest_events),
             "lost": self.lost + learning.lost,
+            # numbered senders' messages that never arrived (dropped on the way, or refused)
+            "missing": self.journal.missing,
             "journal": {"last_seq": self.journal.last_seq, "offset": learning.offset,
                         "lag": self.lag(), "pending": len(learning.pending),
                         "damage": self.journal.damage, "write_failures": self.journal.failures,
                         "gone": self.journal.gone, "ends_waiting": self.journal.ends_waiting,
+                        "duplicates": self.journal.duplicates,
+                        "senders": len(self.journal.senders),
                         "last_error": self.journal.last_error},
             "open_task": learning.learner.open_task, "tasks": tasks,
             "method": self.cfg.method.name, "device": str(learning.learner.device),
             "last_checkpoint": self.last_checkpoint,
             "corrupt_checkpoints": self.checkpoints.corrupt,
             "checkpoint_failures": self.checkpoint_failures,
+            # disk held back for a checkpoint on a full disk, and how often it was given up
+            "disk": {"reserve_bytes": self.reserve.bytes, "reserve_used": self.reserve.used},
             "footprint": self.footprint,
             "publish": self.publisher.status() if self.publisher else None,
             "uptime_s": time.time() - self.started_at,

@@ -211,9 +211,21 @@ class DaemonCollector:
         yield corrupt
         yield CounterMetricFamily("edgecl_learn_lost", "Acknowledged records that storage "
                                   "damage destroyed before they were learned.", value=s["lost"])
+        yield CounterMetricFamily("edgecl_learn_missing", "Numbered senders' messages that "
+                                  "never arrived: dropped on the way (a broker's queue limit) "
+                                  "or refused.", value=s["missing"])
+        yield CounterMetricFamily("edgecl_learn_duplicates", "Requests answered as already "
+                                  "journaled (a request id or a sender's number seen before) "
+                                  "since start.", value=s["journal"]["duplicates"])
         yield CounterMetricFamily("edgecl_learn_journal_write_failures", "Journal commits "
                                   "refused by storage (a full disk, I/O errors) since start.",
                                   value=s["journal"]["write_failures"])
         yield CounterMetricFamily("edgecl_learn_checkpoint_failures", "Checkpoints that could "
                                   "not be written since start.",
                                   value=s["checkpoint_failures"])
+        yield CounterMetricFamily("edgecl_learn_disk_reserve_used", "Times the space reserve "
+                                  "was given up for a checkpoint on a full disk since start.",
+                                  value=s["disk"]["reserve_used"])
+        yield GaugeMetricFamily("edgecl_learn_disk_reserve_bytes", "Disk space held back for "
+                                "checkpoints on a full disk (0: none is held).",
+                                value=s["disk"]["reserve_bytes"])

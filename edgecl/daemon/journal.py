@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS senders (name TEXT PRIMARY KEY, seq INTEGER NOT NULL,
                                     missing INTEGER NOT NULL, at INTEGER NOT NULL);
 """
 MAX_SENDERS = 4096  # senders remembered; beyond, the one heard from least recently is dropped
+WAL_LIMIT_BYTES = 4 << 20  # what the WAL file is cut back to after SQLite checkpoints it
 END_POLL_S = 0.1  # how often the writer looks at waiting ends while nothing else arrives
 
 
@@ -179,6 +180,10 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")  # the reader's truncation waits for the writer
+    # Debian builds SQLite to overwrite every page a DELETE frees, through the WAL: truncating
+    # the journal would take as much free space as it gives back, and a full disk has none
+    conn.execute("PRAGMA secure_delete=FAST")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")  # the WAL shrinks back to it
     return conn
 
 

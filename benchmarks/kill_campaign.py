@@ -143,6 +143,7 @@ class Request:
     x: np.ndarray
     y: np.ndarray
     form: str = ""
+    sender: dict[str, Any] = field(default_factory=dict)  # {"sender", "sender_seq"}, if numbered
 
     @property
     def count(self) -> int:
@@ -155,14 +156,14 @@ class Request:
                 for xi, yi in zip(self.x, self.y, strict=True)]
 
     def json_batch(self, rng: random.Random, with_id: bool = True) -> bytes:
-        batch: dict[str, Any] = {"samples": self.records(rng)}
+        batch: dict[str, Any] = {"samples": self.records(rng), **self.sender}
         if with_id:
             batch["request_id"] = self.request_id
         return orjson.dumps(batch)
 
     def binary(self) -> bytes:
         header = {"task": self.task, "y": self.y.tolist(), "dtype": "float32",
-                  "request_id": self.request_id}
+                  "request_id": self.request_id, **self.sender}
         return orjson.dumps(header) + b"\n" + np.ascontiguousarray(self.x, "<f4").tobytes()
 
 
@@ -364,6 +365,7 @@ class MqttFeeder(Feeder):
         super().__init__(*args)
         self.topic = f"edgecl/{DEVICE}/samples"
         self.pending: deque[tuple[mqtt.MQTTMessageInfo, Request]] = deque()
+        self.published = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"kill-campaign-feeder-{self.seed}",
                                   protocol=mqtt.MQTTv5)
@@ -373,6 +375,8 @@ class MqttFeeder(Feeder):
 
     def deliver(self, request: Request) -> None:
         request.form = self.rng.choice(self.forms)
+        self.published += 1  # numbered: a message the broker dropped is counted missing
+        request.sender = {"sender": f"kill-campaign-{self.seed}", "sender_seq": self.published}
         properties = None
         if request.form == "binary":
             properties = Properties(PacketTypes.PUBLISH)
@@ -784,6 +788,8 @@ def verdict(result: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: {t[key]:,}")
     if t["daemon_lost"]:
         problems.append(f"the daemon's lost counter: {t['daemon_lost']:,}")
+    if t["daemon_missing"]:
+        problems.append(f"numbered MQTT messages missing: {t['daemon_missing']:,}")
     if t["learned"] != t["journal_samples"]:
         problems.append(f"learned {t['learned']:,} != {t['journal_samples']:,} journaled")
     if not result["journal"]["contiguous"]:
@@ -803,7 +809,8 @@ def summarize(campaign: Campaign, final: dict[str, Any], exit_code: int | None,
     totals.update(mangled=journal.mangled, foreign=counted["foreign"],
                   anomalies=sum(len(f.anomalies) for f in campaign.feeders),
                   journal_samples=len(journal.keys), learned=final["learned"],
-                  accepted=final["accepted"], daemon_lost=final["lost"])
+                  accepted=final["accepted"], daemon_lost=final["lost"],
+                  daemon_missing=final["missing"])
     loads = [k["load_1m"] for k in campaign.kills]
     result = {
         "kills": len(campaign.kills), "seed": campaign.args.seed,
@@ -818,7 +825,7 @@ def summarize(campaign: Campaign, final: dict[str, Any], exit_code: int | None,
         "journal": {"sample_rows": journal.rows, "first_seq": journal.first_seq,
                     "contiguous": journal.contiguous},
         "final_status": {k: final.get(k) for k in
-                         ("accepted", "learned", "trained", "rejected", "lost",
+                         ("accepted", "learned", "trained", "rejected", "lost", "missing",
                           "ingest_events", "corrupt_checkpoints", "checkpoint_failures")},
         "transports": per, "totals": totals, "kill_log": campaign.kills}
     result["problems"] = verdict(result)
@@ -839,7 +846,8 @@ def report(result: dict[str, Any]) -> str:
                     "unacked", "resends", "cut off", "dup answers"], rows)]
     lines.append(f"daemon (final clean run): accepted {t['accepted']:,}, learned "
                  f"{t['learned']:,} (journal samples {t['journal_samples']:,}), lost counter "
-                 f"{t['daemon_lost']}, mangled {t['mangled']}, exit at SIGTERM "
+                 f"{t['daemon_lost']}, numbered MQTT messages missing {t['daemon_missing']}, "
+                 f"mangled {t['mangled']}, exit at SIGTERM "
                  f"{result['exit_code_at_sigterm']}, error log lines "
                  f"{result['daemon_error_log_lines']}, starts {result['starts']}, ready "
                  f"mean {result['ready_s']['mean']} s max {result['ready_s']['max']} s")

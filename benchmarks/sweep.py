@@ -16,17 +16,12 @@ test numbers the sweep prints. The presets' comments quote sweeps made with it, 
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from edgecl.cli import use_threads
-from edgecl.config import deep_merge
-from edgecl.protocol import run_protocol
-from edgecl.setup import benchmark_for, load_config
+from edgecl.tune import Benchmarks, best, mean_std, run_trial, seed_configs, settings
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,55 +41,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def nested(key: str, value: Any) -> dict[str, Any]:
-    """{"a": {"b": value}} for the key "a.b"."""
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
-
-
-def run(config: Path, overrides: dict[str, Any], seeds: list[int], evaluate_on: str
-        ) -> tuple[list[float], list[float]]:
-    """ACC and train_s of each seed."""
-    accs, train_s = [], []
-    for seed in seeds:
-        cfg = load_config(config, deep_merge(overrides, {
-            "seed": seed, "benchmark": {"evaluate_on": evaluate_on}}))
-        use_threads(cfg.threads)
-        result, _ = run_protocol(cfg, benchmark_for(cfg))
-        accs.append(result["acc"])
-        train_s.append(result["train_s"])
-    return accs, train_s
-
-
-def mean_std(values: list[float], digits: int = 4, signed: bool = False) -> str:
-    """"mean ± sample std" (std 0 for one value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    sign = "+" if signed else ""
-    return f"{statistics.mean(values):{sign}.{digits}f} ± {std:.{digits}f}"
-
-
 def main() -> None:
     args = parse_args()
-    keys = [key for key, *_ in args.set]
-    choices = [[yaml.safe_load(v) for v in values] for _, *values in args.set]
-    best: tuple[float, str, dict[str, Any]] | None = None
-    for combo in itertools.product(*choices):
-        overrides: dict[str, Any] = {}
-        for key, value in zip(keys, combo, strict=True):
-            overrides = deep_merge(overrides, nested(key, value))
-        accs, train_s = run(args.config, overrides, args.seeds, "validation")
-        setting = ", ".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True)) or "preset"
-        print(f"{setting}: validation ACC {' '.join(f'{a:.4f}' for a in accs)}; "
-              f"{mean_std(accs)}; train_s {statistics.mean(train_s):.2f}", flush=True)
-        if best is None or statistics.mean(accs) > best[0]:
-            best = (statistics.mean(accs), setting, overrides)
-    assert best is not None
-    print(f"chosen on validation: {best[1]} ({best[0]:.4f})", flush=True)
+    grid = {key: [yaml.safe_load(v) for v in values] for key, *values in args.set}
+    load = Benchmarks()
+    trials = []
+    for setting in settings(grid):
+        configs = seed_configs(args.config, {}, setting, args.seeds)
+        use_threads(configs[0].threads)
+        trial = run_trial(setting, configs, load)
+        print(f"{trial.label}: validation ACC {' '.join(f'{a:.4f}' for a in trial.accs)}; "
+              f"{mean_std(trial.accs)}; train_s {sum(trial.train_s) / len(trial.train_s):.2f}",
+              flush=True)
+        trials.append(trial)
+    chosen = best(trials)
+    print(f"chosen on validation: {chosen.label} ({chosen.acc:.4f})", flush=True)
     if args.test:
-        accs, _ = run(args.config, best[2], args.seeds, "test")
-        print(f"{best[1]}: test ACC {' '.join(f'{a:.4f}' for a in accs)}; {mean_std(accs)}")
+        configs = seed_configs(args.config, {}, chosen.setting, args.seeds, evaluate_on="test")
+        accs = run_trial(chosen.setting, configs).accs
+        print(f"{chosen.label}: test ACC {' '.join(f'{a:.4f}' for a in accs)}; {mean_std(accs)}")
 
 
 if __name__ == "__main__":

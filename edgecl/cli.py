@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.text import Text
 from edgecl import __version__
 from edgecl.config import Config, ConfigError
 from edgecl.registry import BENCHMARKS, LEARNERS, NEEDS_DATA_DIR
+
+if TYPE_CHECKING:
+    from edgecl.tune import Benchmarks, Setting, Trial
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 LEARN_TOKEN_ENV = "EDGECL_LEARN_TOKEN"
@@ -222,6 +225,163 @@ def _write_comparison(out: Path, results: list[dict[str, Any]], name: str) -> No
                       json.dumps([{k: r[k] for k in keep} for r in results], indent=1) + "\n")
     plot_comparison(results, out / "comparison.png", f"{name}: every method")
 
+
+@app.command()
+def tune(
+    benchmark: Annotated[str | None, typer.Option(
+        help=f"{' | '.join(BENCHMARKS)} | file:PATH.npz (default: the config's, else "
+             "pmnist).")] = None,
+    method: Annotated[str | None, typer.Option(
+        help=f"{' | '.join(LEARNERS)} (default: the config's, else finetune).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="YAML preset to start from (see models/); the grid's keys override it.")] = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        help="KEY=V1,V2,...: a dotted config key and the values to try, each read as YAML; "
+             "repeat for more keys, every combination runs (default: optimizer.lr at a third, "
+             "one and three times the method's).")] = None,
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated seeds each setting runs with; a seed also draws the held-out "
+             "split.")] = "0,1,2",
+    samples_per_task: Annotated[int | None, typer.Option(
+        help="Training samples per task, before the hold-out (default: the config's).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the chosen preset (default: runs/<benchmark>-<method>-tuned.yaml)."
+    )] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch CPU threads (default: the config's, else 1).")] = None,
+) -> None:
+    """Choose a method's hyper-parameters on the validation split, never the test split.
+
+    Every grid setting runs the benchmark protocol once per seed, trained on 7/8 of each
+    task's training samples and evaluated on the held-out 1/8 (whole groups of a file's
+    task{i}_group_train); the test split is never read. Prints each setting's validation ACC
+    (mean ± std over seeds) and training time, the offline bound (joint training of the same
+    net on the same split), and writes the best setting as a complete preset for
+    `edgecl bench --config` and `edgecl learn --config`.
+    """
+    from edgecl.atomic import atomic_write_text
+    from edgecl.data import BenchmarkError
+    from edgecl.setup import learner_spec, load_config
+    from edgecl.tune import (
+        Benchmarks,
+        best,
+        default_grid,
+        preset_yaml,
+        seed_configs,
+        settings,
+    )
+
+    if method == "all":
+        fail("--method all: tune one method at a time")
+    seed_list = _parse_seeds(seeds)
+    overrides = _bench_overrides(benchmark, method, None, samples_per_task, None, None, None,
+                                 None, threads)
+    load = Benchmarks()
+    try:
+        base = load_config(config, overrides)
+        chosen_grid = _parse_grid(grid) if grid else default_grid(base)
+        runs = [(s, seed_configs(config, overrides, s, seed_list)) for s in settings(chosen_grid)]
+        for _, configs in runs:  # every setting's data and net checked before any trains
+            for cfg in configs:
+                learner_spec(cfg, load(cfg))
+    except (ConfigError, BenchmarkError) as e:
+        fail(str(e))
+    name = f"{base.benchmark.name.replace(':', '_').replace('/', '_')}-{base.method.name}"
+    out = out or Path("runs") / f"{name}-tuned.yaml"
+    _check_preset_path(out)
+    use_threads(base.threads)
+    trials = _run_trials(runs, load)
+    chosen = best(trials)
+    chosen_configs = runs[trials.index(chosen)][1]
+    _print_trials(trials, chosen, base, seed_list)
+    _print_offline_bound(chosen, chosen_configs, load)
+    command = " ".join([
+        "edgecl tune", *(["--config", str(config)] if config else []),
+        "--benchmark", base.benchmark.name, "--method", base.method.name, "--seeds", seeds,
+        *(f"--grid {k}={','.join(map(str, v))}" for k, v in chosen_grid.items())])
+    atomic_write_text(out, preset_yaml(chosen_configs[0], trials, chosen, command))
+    say(f"preset written to {out}; run it with: edgecl bench --config {out}")
+
+
+def _parse_seeds(seeds: str) -> list[int]:
+    try:
+        parsed = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        fail(f"--seeds {seeds}: give comma-separated non-negative integers, e.g. 0,1,2")
+    if any(s < 0 for s in parsed) or len(set(parsed)) != len(parsed):
+        fail(f"--seeds {seeds}: seeds must be distinct non-negative integers")
+    return parsed
+
+
+def _parse_grid(entries: list[str]) -> dict[str, list[Any]]:
+    """`KEY=V1,V2` entries as {key: [values]}, each value read as YAML."""
+    import yaml
+
+    grid: dict[str, list[Any]] = {}
+    for entry in entries:
+        key, _, values = entry.partition("=")
+        if not key or not values or key in grid:
+            fail(f"--grid {entry}: give each key once as KEY=V1,V2,... "
+                 "(e.g. optimizer.lr=0.01,0.03)")
+        try:
+            grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        except yaml.YAMLError:
+            fail(f"--grid {entry}: a value is not valid YAML")
+    return grid
+
+
+def _check_preset_path(out: Path) -> None:
+    if out.is_dir():
+        fail(f"{out}: is a folder; --out names the preset file to write")
+    _make_folder(out.parent)
+
+
+def _run_trials(runs: list[tuple[Setting, list[Config]]], load: Benchmarks) -> list[Trial]:
+    from edgecl.tune import run_trial
+
+    total = sum(load(cfg).n_train for _, configs in runs for cfg in configs)
+    trials = []
+    with progress_bar(rate=True) as bar:
+        job = bar.add_task("tuning on the validation split", total=total, rate="")
+        for setting, configs in runs:
+            label = ", ".join(f"{k}={v}" for k, v in setting.items())
+
+            def advance(n: int, task_id: str, label: str = label) -> None:
+                bar.update(job, advance=n, rate=f"{label} {task_id}")
+
+            try:
+                trials.append(run_trial(setting, configs, load, advance))
+            except (ValueError, RuntimeError) as e:
+                fail(f"{label}: {e}", code=1)
+    return trials
+
+
+def _print_trials(trials: list[Trial], chosen: Trial, base: Config, seeds: list[int]) -> None:
+    import statistics
+
+    from edgecl.tune import mean_std
+
+    table = Table(title=f"{base.benchmark.name} / {base.method.name}: validation split, seeds "
+                        f"{', '.join(map(str, seeds))}")
+    for col in ("setting", "validation ACC", "train_s", ""):
+        table.add_column(col, justify="left" if col == "setting" else "right", overflow="fold")
+    for t in trials:
+        table.add_row(t.label, mean_std(t.accs), f"{statistics.mean(t.train_s):.2f}",
+                      "chosen" if t is chosen else "")
+    print_table(table)
+
+
+def _print_offline_bound(chosen: Trial, configs: list[Config], load: Benchmarks) -> None:
+    from edgecl.tune import mean_std, offline_bound
+
+    say(f"offline bound: joint training of the same net on the same split, {len(configs)} "
+        "seed(s)...")
+    try:
+        bound = offline_bound(configs, load)
+    except (ValueError, RuntimeError) as e:
+        fail(f"offline bound: {e}", code=1)
+    say(f"offline bound (joint training, validation split): ACC {mean_std(bound)}; "
+        f"chosen {chosen.label}: ACC {mean_std(chosen.accs)}")
 
 
 @app.command()

@@ -33,6 +33,8 @@ LEARNER_CLASSES: dict[str, str] = {
     "mas": "edgecl.learners.mas:MAS",
     "lwf": "edgecl.learners.lwf:LwF",
     "agem": "edgecl.learners.gem:AGEM",
+    "er": "edgecl.learners.replay:ER",
+    "der": "edgecl.learners.replay:DER",
     "gem": "edgecl.learners.gem:GEM",
     "wsn": "edgecl.learners.wsn:WSN",
 }

@@ -468,8 +468,6 @@ def test_validation_runs_never_see_the_test_split():
         held = {tuple(row) for row in v.x_test.flatten(1).tolist()}
         assert not held & {tuple(row) for row in t.x_test.flatten(1).tolist()}
         assert not held & {tuple(row) for row in v.x_train.flatten(1).tolist()}
-    with pytest.raises(BenchmarkError, match="file: benchmarks have no validation split"):
-        load_benchmark("file:x.npz", validation=True)
 
 
 def test_samples_per_task_all_keeps_every_training_sample():

@@ -30,7 +30,7 @@ from edgecl.setup import learner_spec, load_config, new_learner
 
 HUGE = torch.finfo(torch.float32).max  # finite
 OWN_OPTIMIZER = {"wsn": {"optimizer": {"name": "adam", "lr": 0.003}}}
-MEMORY_METHODS = {"ewc", "mas", "agem", "gem"}
+MEMORY_METHODS = {"ewc", "mas", "agem", "er", "der", "gem"}
 
 
 def learner_for(method: str, **overrides):
@@ -116,9 +116,9 @@ def test_the_same_stream_gives_the_same_skips_and_bit_identical_weights(method):
 
 @pytest.mark.parametrize("method", LEARNERS)
 def test_a_poisoned_batch_left_in_memory_does_not_stop_later_learning(method):
-    """The poisoned batch is t0's last, so GEM's and A-GEM's memory of t0 and EWC's and MAS's
-    importance samples hold it when t1 learns: each leaves the non-finite part out, counted,
-    and t1 learns every step."""
+    """The poisoned batch is t0's last, so the memory of t0 (GEM, A-GEM, ER, DER++) and EWC's
+    and MAS's importance samples hold it when t1 learns: each leaves the non-finite part out,
+    counted, and t1 learns every step."""
     learner = learner_for(method)
     batches = task_batches(0, n_batches=4)
     for x, y in batches[:3]:
@@ -131,7 +131,8 @@ def test_a_poisoned_batch_left_in_memory_does_not_stop_later_learning(method):
     stats = learner.stats()
     assert stats["nonfinite_steps"] == 1
     expected = {"ewc": "nonfinite_importance", "mas": "nonfinite_importance",
-                "gem": "gem_nonfinite_constraints", "agem": "agem_nonfinite_references"}
+                "gem": "gem_nonfinite_constraints", "agem": "agem_nonfinite_references",
+                "er": "replay_nonfinite_samples", "der": "replay_nonfinite_samples"}
     if method in expected:
         assert stats[expected[method]] > 0
 

@@ -27,18 +27,16 @@ def load_benchmark(name: str, *, n_tasks: int | None = None,
     is required by cifar100, switches pmnist/rotmnist/splitmnist from the embedded 5,000 digits
     to full MNIST, and is ignored by mnist1d, the aeon sensor sets and file:PATH.
     ``validation=True`` holds out the validation part of the training split (see
-    ``Split.validation``): the tasks train on the rest and are evaluated on it, never on the
-    test split; hyper-parameters are chosen this way.
+    ``Split.validation``; a file: benchmark holds out a ``seed``-drawn 1/8 of each task's
+    training groups, see ``edgecl.data.npzfile``): the tasks train on the rest and are
+    evaluated on it, never on the test split; hyper-parameters are chosen this way.
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise BenchmarkError(f"seed must be a non-negative integer, got {seed!r}")
     if name.startswith("file:"):
-        if validation:
-            raise BenchmarkError("file: benchmarks have no validation split; write one as the "
-                                 "test split of a second file (the tasks' held-out samples)")
         from edgecl.data import npzfile
 
-        return npzfile.load(name, n_tasks, samples_per_task)
+        return npzfile.load(name, n_tasks, samples_per_task, int(seed), validation)
     if name not in BENCHMARK_LOADERS:
         raise BenchmarkError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}, "
                              "file:PATH")

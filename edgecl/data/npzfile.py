@@ -13,6 +13,8 @@ Format (read with ``np.load(path, allow_pickle=False)``; write it with ``np.save
 - ``task{i}_name`` (optional): 0-d string array, the task id (default ``task{i:02d}``, e.g.
   ``task00``); ids must be unique and name a model folder: up to 128 letters, digits, ``.``,
   ``_`` or ``-``, starting with a letter or digit.
+- ``task{i}_group_train`` (optional): 1-d integer or string array [n], the group (e.g. the
+  recording) each training sample comes from; the validation split holds out whole groups.
 
 Optional keys for the whole file:
 
@@ -31,6 +33,12 @@ Every split must hold at least one sample, every x must be finite in float32, an
 is an error. Training samples are streamed in stored order. ``n_tasks`` keeps the first tasks;
 ``samples_per_task`` keeps the first samples of each task's training split (it may not exceed
 the smallest task); test sets are always kept whole.
+
+``validation=True`` never reads the test arrays: each task holds out about 1/8 of its training
+groups (each sample its own group unless ``task{i}_group_train`` says otherwise), drawn per
+class with a generator seeded by (seed, task), evaluates on them and trains on the rest, in
+stored order. A class with at least 2 groups gives at least one; class names and the head
+width then come from the training arrays alone.
 """
 
 from __future__ import annotations
@@ -44,14 +52,23 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from edgecl.data.builders import check_count, natural_order, one_line, task_name
-from edgecl.data.tasks import Benchmark, BenchmarkError, TaskData
+from edgecl.data.builders import (
+    VALIDATION_EVERY,
+    check_count,
+    natural_order,
+    one_line,
+    task_name,
+    task_rng,
+)
+from edgecl.data.tasks import Benchmark, BenchmarkError, SampleCount, TaskData
 
-_TASK_KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name)")
+_TASK_KEY = re.compile(
+    r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test|name|group_train)")
+_TEST_KEY = re.compile(r"task[0-9]+_[xy]_test")
 _SPLITS = ("train", "test")
 MAX_UNNAMED_CLASSES = 100_000  # labels without a `classes` array: a label of 2e9 is a mistake
 _EXPECTED = ("task{i}_x_train, task{i}_y_train, task{i}_x_test, task{i}_y_test, task{i}_name, "
-             "head, classes")
+             "task{i}_group_train, head, classes")
 
 
 class _Task(NamedTuple):
@@ -63,12 +80,14 @@ class _Task(NamedTuple):
     classes: tuple[str, ...] = ()
 
 
-def load(spec: str, n_tasks: int | None, samples_per_task: int | None) -> Benchmark:
-    """Load the benchmark named ``file:PATH``; see the module docstring for the format."""
+def load(spec: str, n_tasks: int | None, samples_per_task: SampleCount, seed: int = 0,
+         validation: bool = False) -> Benchmark:
+    """Load the benchmark named ``file:PATH``; see the module docstring for the format and
+    what ``validation`` holds out."""
     if not spec.removeprefix("file:"):
         raise BenchmarkError("file: needs a path, e.g. file:my_tasks.npz")
     path = Path(spec.removeprefix("file:")).expanduser()
-    arrays = _read(path)
+    arrays = _read(path, skip=_TEST_KEY if validation else None)
     by_task: dict[int, dict[str, np.ndarray]] = {}
     for key, array in arrays.items():
         match = _TASK_KEY.fullmatch(key)
@@ -85,7 +104,8 @@ def load(spec: str, n_tasks: int | None, samples_per_task: int | None) -> Benchm
                                  f"but there is no task{gap}_* key")
     head = _head(path, arrays.get("head"))
     names = _classes(path, arrays.get("classes"))
-    raw = [_task(path, i, by_task[i], names) for i in range(len(by_task))]
+    raw = [_validation_task(path, i, by_task[i], names, seed) if validation
+           else _task(path, i, by_task[i], names) for i in range(len(by_task))]
     _check_tasks(path, raw)
     if raw[0].y_train.dtype.kind == "U":
         raw = _encode_names(path, raw, names, head)
@@ -105,15 +125,21 @@ def load(spec: str, n_tasks: int | None, samples_per_task: int | None) -> Benchm
                  torch.from_numpy(t.y_train[:per_task]), torch.from_numpy(t.x_test),
                  torch.from_numpy(t.y_test), t.classes)
         for t in kept)
+    source = f"file {path}"
+    if validation:
+        held = sum(len(t.y_test) for t in kept)
+        source += (f"; validation run: {held:,} of the training samples held out and evaluated, "
+                   "the test split unused")
     return Benchmark(spec, tasks, tuple(kept[0].x_train.shape[1:]), len(kept[0].classes), head,
-                     f"file {path}")
+                     source)
 
 
 def _error(path: Path, key: str | None, problem: str) -> BenchmarkError:
     return BenchmarkError(f"{path}: {problem}" if key is None else f"{path}: key '{key}' {problem}")
 
 
-def _read(path: Path) -> dict[str, np.ndarray]:
+def _read(path: Path, skip: re.Pattern[str] | None = None) -> dict[str, np.ndarray]:
+    """Every array of the archive except those whose key ``skip`` matches (never read)."""
     if not path.is_file():
         raise _error(path, None, "is not a file" if path.exists() else "file not found")
     try:
@@ -128,6 +154,8 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     arrays = {}
     with archive:
         for key in archive.files:
+            if skip and skip.fullmatch(key):
+                continue
             try:
                 arrays[key] = archive[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -164,16 +192,63 @@ def _classes(path: Path, array: np.ndarray | None) -> tuple[str, ...] | None:
 def _task(path: Path, i: int, parts: dict[str, np.ndarray],
           names: tuple[str, ...] | None) -> _Task:
     """Validate one task's arrays; x become float32, y int64."""
-    for part in ("x_train", "y_train", "x_test", "y_test"):
+    name, x_train, y_train, _ = _training_part(path, i, parts, names)
+    x_test, y_test = _split_arrays(path, i, "test", parts, names)
+    return _Task(name, x_train, y_train, x_test, y_test)
+
+
+def _validation_task(path: Path, i: int, parts: dict[str, np.ndarray],
+                     names: tuple[str, ...] | None, seed: int) -> _Task:
+    """One task's training arrays, split: the held-out groups take the place of the test set."""
+    name, x, y, groups = _training_part(path, i, parts, names)
+    held = _held_out(y, groups, task_rng(seed, i))
+    if held.all() or not held.any():
+        raise _error(path, f"task{i}_y_train", "cannot be split into training and validation "
+                     f"groups: validation needs a class with 2 or more groups (samples, or ids "
+                     f"of task{i}_group_train) and training some samples outside them")
+    return _Task(name, x[~held], y[~held], x[held], y[held])
+
+
+def _training_part(path: Path, i: int, parts: dict[str, np.ndarray],
+                   names: tuple[str, ...] | None
+                   ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """The task id, training inputs and labels, and each training sample's group."""
+    name = _task_id(path, i, parts.get("name"))
+    x, y = _split_arrays(path, i, "train", parts, names)
+    return name, x, y, _groups(path, f"task{i}_group_train", parts.get("group_train"), len(y))
+
+
+def _split_arrays(path: Path, i: int, split: str, parts: dict[str, np.ndarray],
+                  names: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+    for part in (f"x_{split}", f"y_{split}"):
         if part not in parts:
             raise _error(path, f"task{i}_{part}", "is missing")
-    name = _task_id(path, i, parts.get("name"))
-    split_arrays = []
-    for split in _SPLITS:
-        x = _inputs(path, f"task{i}_x_{split}", parts[f"x_{split}"])
-        y = _labels(path, f"task{i}_y_{split}", parts[f"y_{split}"], len(x), names)
-        split_arrays += [x, y]
-    return _Task(name, *split_arrays)
+    x = _inputs(path, f"task{i}_x_{split}", parts[f"x_{split}"])
+    return x, _labels(path, f"task{i}_y_{split}", parts[f"y_{split}"], len(x), names)
+
+
+def _groups(path: Path, key: str, groups: np.ndarray | None, n: int) -> np.ndarray:
+    """The group ids of ``n`` training samples; without any, each sample is its own group."""
+    if groups is None:
+        return np.arange(n)
+    if groups.ndim != 1 or groups.dtype.kind not in "iuU":
+        raise _error(path, key, "must be a 1-d integer or string array of group ids, got "
+                                f"{groups.dtype} array of shape {groups.shape}")
+    if len(groups) != n:
+        raise _error(path, key, f"has {len(groups)} group ids but its x array has {n} samples")
+    return groups
+
+
+def _held_out(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Which samples are validation: for each class, a seeded 1/8 of its groups (at least one
+    of a class with 2 or more), so a group never sits on both sides."""
+    held = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        ids = np.unique(groups[y == c])
+        if len(ids) >= 2:
+            chosen = rng.permutation(ids)[:max(1, len(ids) // VALIDATION_EVERY)]
+            held |= np.isin(groups, chosen)
+    return held
 
 
 def _task_id(path: Path, i: int, array: np.ndarray | None) -> str:

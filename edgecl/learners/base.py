@@ -8,11 +8,12 @@ All randomness after initialisation comes from `self.rng`, which is saved in `st
 No non-finite step is applied: every method steps through `Learner.step`, which leaves the
 weights and the optimiser's state as they were when the step's loss, its gradients or the new
 weights would not be finite, and counts the step (`nonfinite_steps`). What a step does besides
-(a method's episodic memory stores the batch, A-GEM and fast GEM draw from `self.rng`, event
-counters) stands: the batch's samples are finite, and each method that reads its memory leaves
-out a gradient that is not finite (GEM, A-GEM: that constraint; EWC, MAS: those samples'
-importance). A learner whose last `MAX_NONFINITE_STREAK` steps were all skipped, or whose weights
-are not finite when a task ends, raises `LearnerDiverged`.
+(a method's episodic memory stores the batch, A-GEM, fast GEM and replay draw from `self.rng`,
+event counters) stands: the batch's samples are finite, and each method that reads its memory
+leaves out a gradient that is not finite (GEM, A-GEM: that constraint; ER, DER++: those replayed
+samples; EWC, MAS: those samples' importance). A learner whose last `MAX_NONFINITE_STREAK`
+steps were all skipped, or whose weights are not finite when a task ends, raises
+`LearnerDiverged`.
 """
 
 from __future__ import annotations

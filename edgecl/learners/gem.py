@@ -231,10 +231,13 @@ def project_onto_halfspace(g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return g - (dot / (ref @ ref)) * ref
 
 
-class EpisodicProjection(Learner):
-    """GEM and A-GEM: store each batch, project the gradient against past memories, step."""
+class EpisodicLearner(Learner):
+    """A method that keeps every task's newest samples in the episodic memory and reads those of
+    past tasks (GEM, A-GEM, ER, DER++): the memory with the decode buffer a step reads through,
+    the past tasks' part of it, and random draws from that part."""
 
     uses_memory = True
+    stores_logits: ClassVar[bool] = False  # the memory keeps each sample's logits (DER++)
 
     def __init__(self, spec: LearnerSpec) -> None:
         params = self.Params.model_validate(spec.config.method.params)
@@ -244,19 +247,61 @@ class EpisodicProjection(Learner):
         episodic = EpisodicMemory(spec.input_shape, memory.per_task, spec.max_tasks,
                                   memory.budget_bytes, memory.dtype,
                                   resolve_device(spec.config.device),
-                                  self.decode_rows(params, memory))
+                                  self.decode_rows(params, memory),
+                                  spec.n_classes if self.stores_logits else 0)
         super().__init__(spec)
         self.memory = episodic
         self._past: PastMemory | None = None
-        heads = self.net.heads
-        # the head each parameter belongs to (None: the shared body)
-        self._param_head: list[int | None] = [None for _ in self.net.body.parameters()] + [
-            h for h in range(len(heads)) for _ in heads[h].parameters()]
 
     @classmethod
     @abstractmethod
     def decode_rows(cls, params: Any, memory: MemoryConfig) -> int:
         """Rows of float32 the memory decodes into at once: what one step reads of it."""
+
+    def past_memory(self, slot: int) -> PastMemory | None:
+        """Every stored task but `slot`; None while there is none.
+
+        Cached until the set of past tasks or the quota changes: a past task's sample count only
+        changes when the quota shrinks.
+        """
+        slots = tuple(s for s in self.memory.tasks if s != slot)
+        if not slots:
+            return None
+        past = self._past
+        if past is None or past.slots != slots or past.quota != self.memory.quota:
+            counts = tuple(self.memory.filled(s) for s in slots)
+            heads = tuple(self.net.head_index(s) for s in slots)
+            past = self._past = PastMemory(slots, counts, heads, self.memory.quota)
+        return past
+
+    def draw(self, past: PastMemory, n: int) -> torch.Tensor:
+        """Rows (indices `task * quota + position`, on the CPU) of `n` filled samples of `past`
+        drawn without replacement with `self.rng`; all of them, shuffled, when there are fewer."""
+        pick = torch.randperm(sum(past.counts), generator=self.rng)[:n]
+        if all(count == past.quota for count in past.counts):  # the usual case: sample i is row i
+            return pick
+        return past.filled_rows()[pick]
+
+    def gather(self, past: PastMemory, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory samples `rows` (indices `task * quota + position`, any shape, on the device),
+        decoded: inputs `[*rows.shape, *input_shape]` and labels `rows.shape`."""
+        x, y = self.memory.gather(past.slots, rows.flatten() // past.quota,
+                                  rows.flatten() % past.quota)
+        return x.view(*rows.shape, *x.shape[1:]), y.view(rows.shape)
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self._past = None  # the memory was replaced
+
+
+class EpisodicProjection(EpisodicLearner):
+    """GEM and A-GEM: store each batch, project the gradient against past memories, step."""
+
+    def __init__(self, spec: LearnerSpec) -> None:
+        super().__init__(spec)
+        heads = self.net.heads
+        # the head each parameter belongs to (None: the shared body)
+        self._param_head: list[int | None] = [None for _ in self.net.body.parameters()] + [
+            h for h in range(len(heads)) for _ in heads[h].parameters()]
 
     @abstractmethod
     def project(self, g: torch.Tensor, past: PastMemory) -> torch.Tensor | None:
@@ -276,32 +321,6 @@ class EpisodicProjection(Learner):
             self.set_flat_grad(projected, heads)
         self.step(loss, self.optimizer.step)
         return StepStats(loss.detach())
-
-    def past_memory(self, slot: int) -> PastMemory | None:
-        """Every stored task but `slot`; None while there is none.
-
-        Cached until the set of past tasks or the quota changes: a past task's sample count only
-        changes when the quota shrinks.
-        """
-        slots = tuple(s for s in self.memory.tasks if s != slot)
-        if not slots:
-            return None
-        past = self._past
-        if past is None or past.slots != slots or past.quota != self.memory.quota:
-            counts = tuple(self.memory.filled(s) for s in slots)
-            heads = tuple(self.net.head_index(s) for s in slots)
-            past = self._past = PastMemory(slots, counts, heads, self.memory.quota)
-        return past
-
-    def gather(self, past: PastMemory, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory samples `rows` (indices `task * quota + position`, any shape, on the device),
-        decoded: inputs `[*rows.shape, *input_shape]` and labels `rows.shape`."""
-        x, y = self.memory.gather(past.slots, rows.flatten() // past.quota,
-                                  rows.flatten() % past.quota)
-        return x.view(*rows.shape, *x.shape[1:]), y.view(rows.shape)
-
-    def load_method_state(self, state: dict[str, Any]) -> None:
-        self._past = None  # the memory was replaced
 
     def flat_grad(self) -> torch.Tensor:
         params = list(self.net.parameters())
@@ -442,9 +461,7 @@ class AGEM(EpisodicProjection):
         """Gradient of the mean loss on `ref_batch` filled memory samples drawn without
         replacement with `self.rng` (all of them when there are fewer), each through its task's
         head. Only those samples are decoded."""
-        filled = past.filled_rows()
-        pick = torch.randperm(len(filled), generator=self.rng)[:self.params.ref_batch]
-        rows = filled[pick].to(self.device)
+        rows = self.draw(past, self.params.ref_batch).to(self.device)
         x, y = self.gather(past, rows)
         heads = past.head_index(self.device)[rows // past.quota]
         loss = F.cross_entropy(rows_forward(self.net, x, heads), y)

@@ -11,10 +11,14 @@ uint8) is decoded into one decode buffer of `decode_rows` rows that the method s
 step reads (A-GEM: its reference batch; exact GEM: one task's memory at a time), so no decoded
 copy of the whole memory ever exists.
 
-The byte budget covers the stored samples and the decode buffer. A budgeted memory reserves its
-storage once, at its first sample, and never reallocates it, so adding a task never holds more
-than the budget. A budget that cannot hold one sample of each of `max_tasks` tasks beside the
-decode buffer is refused when the memory is built, before any learning.
+A memory built with `logits=k` (DER++) keeps with each sample the float32 logits `[k]` the net
+gave it when it was stored: stored, shrunk, decoded (`gather_logits`), budgeted and saved with it.
+
+The byte budget covers the stored samples (their logits included) and the decode buffer. A
+budgeted memory reserves its storage once, at its first sample, and never reallocates it, so
+adding a task never holds more than the budget. A budget that cannot hold one sample of each of
+`max_tasks` tasks beside the decode buffer is refused when the memory is built, before any
+learning.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class EpisodicMemory:
         dtype: str = "float32",
         device: torch.device | str = "cpu",
         decode_rows: int = 0,
+        logits: int = 0,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"memory dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
@@ -71,20 +76,26 @@ class EpisodicMemory:
             raise ValueError(f"budget_bytes must be >= 0 or None; got {budget_bytes}")
         if decode_rows < 0:
             raise ValueError(f"decode_rows must be >= 0; got {decode_rows}")
+        if logits < 0:
+            raise ValueError(f"logits must be >= 0; got {logits}")
         self.input_shape = tuple(int(d) for d in input_shape)
         self.per_task = int(per_task)
         self.max_tasks = int(max_tasks)
         self.budget_bytes = budget_bytes
         self.dtype = dtype
         self.device = torch.device(device)
-        self.bytes_per_sample = sample_bytes(self.input_shape, dtype)
+        self.logits = int(logits)
+        logit_bytes = self.logits * torch.float32.itemsize
+        self.bytes_per_sample = sample_bytes(self.input_shape, dtype) + logit_bytes
         self.decode_rows = int(decode_rows)
-        self.decode_bytes = self.decode_rows * decoded_bytes(self.input_shape)
+        self.decode_bytes = self.decode_rows * (decoded_bytes(self.input_shape) + logit_bytes)
         self._quota_for(self.max_tasks)  # a budget too small for max_tasks is refused now
         self._bx = torch.zeros((0, *self.input_shape), dtype=_DTYPES[dtype], device=self.device)
         self._by = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._bz = torch.zeros((0, self.logits), device=self.device)
         self._dx = torch.zeros((self.decode_rows, *self.input_shape), device=self.device)
         self._dy = torch.zeros(self.decode_rows, dtype=torch.int64, device=self.device)
+        self._dz = torch.zeros((self.decode_rows, self.logits), device=self.device)
         self.clear()
 
     def clear(self) -> None:
@@ -102,12 +113,13 @@ class EpisodicMemory:
         room = max(0, self.budget_bytes - self.decode_bytes)
         quota = min(self.per_task, room // (self.bytes_per_sample * n_tasks))
         if quota == 0:
+            kept = " with its logits" if self.logits else ""
             decode = (f" + a decode buffer of {self.decode_rows} float32 rows "
                       f"({self.decode_bytes} bytes)" if self.decode_rows else "")
             raise MemoryBudgetError(
                 f"memory.budget_bytes: {self.budget_bytes} bytes cannot hold one sample per task "
-                f"for {n_tasks} tasks: {self.bytes_per_sample} bytes per {self.dtype} sample x "
-                f"{n_tasks} tasks{decode} needs at least "
+                f"for {n_tasks} tasks: {self.bytes_per_sample} bytes per {self.dtype} "
+                f"sample{kept} x {n_tasks} tasks{decode} needs at least "
                 f"{self.bytes_per_sample * n_tasks + self.decode_bytes} bytes")
         return quota
 
@@ -125,9 +137,11 @@ class EpisodicMemory:
         used = len(self._slots) * self._quota
         bx = torch.zeros((rows, *self.input_shape), dtype=self._bx.dtype, device=self.device)
         by = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        bz = torch.zeros((rows, self.logits), device=self.device)
         bx[:used] = self._bx[:used]
         by[:used] = self._by[:used]
-        self._bx, self._by = bx, by
+        bz[:used] = self._bz[:used]
+        self._bx, self._by, self._bz = bx, by, bz
 
     def _check_slot(self, slot: int) -> int:
         slot = operator.index(slot)
@@ -152,6 +166,11 @@ class EpisodicMemory:
     def _y(self) -> torch.Tensor:
         n, quota = len(self._slots), self._quota
         return self._by[:n * quota].view(n, quota)
+
+    @property
+    def _z(self) -> torch.Tensor:
+        n, quota = len(self._slots), self._quota
+        return self._bz[:n * quota].view(n, quota, self.logits)
 
     @property
     def quota(self) -> int:
@@ -219,17 +238,25 @@ class EpisodicMemory:
             chrono = row * old + (pos - keep + torch.arange(keep, device=self.device)) % old
             self._bx[row * quota:row * quota + keep] = self._bx[chrono]
             self._by[row * quota:row * quota + keep] = self._by[chrono]
+            self._bz[row * quota:row * quota + keep] = self._bz[chrono]
             self._filled[row] = keep
             self._pos[row] = keep % quota
         self._quota = quota
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
-        """Store a batch `x [b, *input_shape]`, `y [b]` of task `slot`, overwriting its oldest."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, slot: int,
+            logits: torch.Tensor | None = None) -> None:
+        """Store a batch `x [b, *input_shape]`, `y [b]` of task `slot` (and its `logits [b, k]`,
+        which a memory built with `logits=k` needs), overwriting its oldest."""
         slot = self._check_slot(slot)
         x, y = torch.as_tensor(x), torch.as_tensor(y)
         if tuple(x.shape[1:]) != self.input_shape or y.shape != x.shape[:1]:
             raise ValueError(f"expected x [b, {', '.join(map(str, self.input_shape))}] and y [b]; "
                              f"got x {list(x.shape)} and y {list(y.shape)}")
+        if (None if logits is None else tuple(logits.shape)) != (
+                (len(x), self.logits) if self.logits else None):
+            want = f"logits [b, {self.logits}]" if self.logits else "no logits"
+            got = "none" if logits is None else list(logits.shape)
+            raise ValueError(f"this memory takes {want} with the batch; got {got}")
         if x.shape[0] == 0:
             return
         enc = self._encode(x)
@@ -242,6 +269,8 @@ class EpisodicMemory:
         idx = (pos + torch.arange(b, device=self.device)) % quota
         self._x[row, idx] = enc
         self._y[row, idx] = y
+        if self.logits:
+            self._z[row, idx] = logits.detach()[-quota:].to(self.device, torch.float32)
         self._pos[row] = (pos + b) % quota
         self._filled[row] = min(self._filled[row] + b, quota)
 
@@ -289,11 +318,8 @@ class EpisodicMemory:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample `position[i]` of task `slots[task[i]]` for every i, as float32 `x [n, *shape]`
         and `y [n]` in the decode buffer (valid until the next decode); n <= `decode_rows`."""
-        n = len(task)
-        if n > self.decode_rows:
-            raise ValueError(f"{n} samples do not fit the decode buffer of {self.decode_rows}")
-        rows = torch.tensor([self._stored_row(s) for s in slots], device=self.device)
-        flat = rows[task] * self.quota + position
+        flat = self._flat_rows(slots, task, position)
+        n = len(flat)
         x, y = self._dx[:n], self._dy[:n]
         torch.index_select(self._by, 0, flat, out=y)
         if self.dtype == "float32":
@@ -302,12 +328,28 @@ class EpisodicMemory:
             self._decode_into(x, self._bx[flat])
         return x, y
 
+    def gather_logits(self, slots: Sequence[int], task: torch.Tensor, position: torch.Tensor
+                      ) -> torch.Tensor:
+        """The stored logits `[n, logits]` of the samples `gather` reads for the same arguments,
+        in the decode buffer (valid until the next `gather_logits`)."""
+        flat = self._flat_rows(slots, task, position)
+        return torch.index_select(self._bz, 0, flat, out=self._dz[:len(flat)])
+
+    def _flat_rows(self, slots: Sequence[int], task: torch.Tensor, position: torch.Tensor
+                   ) -> torch.Tensor:
+        """Storage rows of sample `position[i]` of task `slots[task[i]]`; at most `decode_rows`."""
+        n = len(task)
+        if n > self.decode_rows:
+            raise ValueError(f"{n} samples do not fit the decode buffer of {self.decode_rows}")
+        rows = torch.tensor([self._stored_row(s) for s in slots], device=self.device)
+        return rows[task] * self.quota + position
+
     def footprint(self) -> dict[str, int]:
         """Allocated bytes (storage and decode buffer), of which the decode buffer, bytes of
         the stored samples, budget (0: none), quota and sample count."""
-        decode = self._dx.nbytes + self._dy.nbytes
+        decode = self._dx.nbytes + self._dy.nbytes + self._dz.nbytes
         return {
-            "memory_bytes": self._bx.nbytes + self._by.nbytes + decode,
+            "memory_bytes": self._bx.nbytes + self._by.nbytes + self._bz.nbytes + decode,
             "memory_decode_bytes": decode,
             "memory_used_bytes": len(self) * self.bytes_per_sample,
             "memory_budget_bytes": self.budget_bytes or 0,
@@ -325,8 +367,10 @@ class EpisodicMemory:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """CPU copy of the full state; loadable with `torch.load(..., weights_only=True)`."""
-        return {
+        """CPU copy of the full state; loadable with `torch.load(..., weights_only=True)`. Only
+        a memory that keeps logits saves "logits" and "z": the others save what they always
+        saved."""
+        state = {
             "version": _STATE_VERSION,
             **self._config(),
             "x": self._x.detach().to("cpu", copy=True),
@@ -335,24 +379,32 @@ class EpisodicMemory:
             "filled": list(self._filled),
             "pos": list(self._pos),
         }
+        if self.logits:
+            state |= {"logits": self.logits, "z": self._z.detach().to("cpu", copy=True)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict()` taken from a memory built with the same arguments."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported memory state version {state.get('version')!r}")
-        for key, want in self._config().items():
-            if state[key] != want:
-                raise ValueError(f"memory state has {key}={state[key]!r}; this memory has {want!r}")
+        for key, want in {**self._config(), "logits": self.logits}.items():
+            have = state.get(key, 0)  # a state without "logits" kept none
+            if have != want:
+                raise ValueError(f"memory state has {key}={have!r}; this memory has {want!r}")
         x, y = state["x"], state["y"]
+        z = state.get("z", torch.zeros((*y.shape, 0)))
         slots, filled, pos = ([int(v) for v in state[k]] for k in ("slots", "filled", "pos"))
         n = len(slots)
         quota = self._quota_for(max(n, 1))
         if (x.dtype != _DTYPES[self.dtype] or tuple(x.shape) != (n, quota, *self.input_shape)
-                or tuple(y.shape) != (n, quota) or len(filled) != n or len(pos) != n):
+                or tuple(y.shape) != (n, quota) or tuple(z.shape) != (n, quota, self.logits)
+                or len(filled) != n or len(pos) != n):
+            want_z = f", z {[n, quota, self.logits]}" if self.logits else ""
+            got_z = f", z {list(z.shape)}" if self.logits else ""
             raise ValueError(
                 f"memory state of {n} tasks x {quota} slots needs x {self.dtype} "
-                f"{[n, quota, *self.input_shape]}, y {[n, quota]} and {n} fill counts and "
-                f"positions; got x {x.dtype} {list(x.shape)}, y {list(y.shape)}, "
+                f"{[n, quota, *self.input_shape]}, y {[n, quota]}{want_z} and {n} fill counts "
+                f"and positions; got x {x.dtype} {list(x.shape)}, y {list(y.shape)}{got_z}, "
                 f"{len(filled)} and {len(pos)}")
         self.clear()
         self._reserve(n * quota)
@@ -361,3 +413,4 @@ class EpisodicMemory:
         self._quota = quota
         self._x.copy_(x)
         self._y.copy_(y)
+        self._z.copy_(z)

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -113,6 +114,10 @@ class LearnConfig(_Strict):
     flush_idle_s: PositiveFloat = 5.0  # a partial batch waiting this long is closed (journaled)
     # an end of task that names a count of samples waits this long for them to arrive
     end_wait_s: PositiveFloat = 30.0
+    # idle rehearsal (replay methods): once no record has arrived for `rehearse_after_s`, the
+    # daemon takes up to `rehearse_steps` extra steps on its memory (0: none), journaled
+    rehearse_steps: NonNegativeInt = 0
+    rehearse_after_s: PositiveFloat = 10.0
 
 
 class MethodConfig(BaseModel):

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edgecl import __version__
-from edgecl.config import Config
+from edgecl.config import Config, LearnConfig
 from edgecl.daemon.checkpoints import CheckpointStore
 from edgecl.daemon.journal import (
     FLUSH,
     JOURNAL_RETRY_S,
+    REHEARSE,
     Appended,
     Journal,
     JournalError,
@@ -41,6 +42,7 @@ from edgecl.web import release_freed_memory
 
 log = logging.getLogger("edgecl.learn")
 READ_CHUNK = 64  # journal chunks (up to a request's samples each) read per query
+REHEARSE_CHUNK = 10  # idle rehearsal steps a REHEARSE marker asks for at most
 T = TypeVar("T")
 
 
@@ -108,6 +110,29 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+class IdleRehearsal:
+    """Idle time spent on memory steps: REHEARSE markers of at most REHEARSE_CHUNK steps, one
+    at a time (the next once the learner has read the last, so that new samples wait behind
+    one chunk at most), up to `rehearse_steps` in each idle period."""
+
+    def __init__(self, journal: Journal, learning: Learning, cfg: LearnConfig) -> None:
+        self.journal, self.learning, self.cfg = journal, learning, cfg
+        self.taken = 0  # steps journaled in this idle period
+        self.marked_at = -1  # the read_seq when the last marker was journaled
+
+    def offer(self) -> None:
+        """Journal the next chunk of steps, if the budget and the learner allow one."""
+        remaining = self.cfg.rehearse_steps - self.taken
+        learner = self.learning.learner
+        if remaining <= 0 or not learner.can_rehearse or not learner.task_ids \
+                or self.marked_at == self.learning.read_seq:
+            return
+        steps = min(REHEARSE_CHUNK, remaining)
+        self.marked_at = self.learning.read_seq
+        self.journal.append_rehearsal(steps)
+        self.taken += steps
+
+
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
     """A spec dict without what may change between runs of one learner (device, daemon knobs)."""
     config = {k: v for k, v in spec["config"].items() if k not in ("device", "learn")}
@@ -143,6 +168,10 @@ class Daemon:
         self._thread = threading.Thread(target=self._run, name="edgecl-learn")
         try:
             self.learning = self._restore()
+            if cfg.learn.rehearse_steps and not self.learning.learner.can_rehearse:
+                raise DaemonError(f"learn.rehearse_steps: {cfg.method.name} does not rehearse "
+                                  "from memory; idle rehearsal is for the replay methods (er, "
+                                  "der): set it to 0 or choose one of them")
         except BaseException:  # a refused state dir: release the lock and the threads now
             self.stop()
             raise
@@ -296,6 +325,7 @@ class Daemon:
         cfg = self.cfg.learn
         last_checkpoint_s, last_checkpoint_learned = time.monotonic(), self.learning.learned
         last_record_s, flushed_at = time.monotonic(), -1
+        rehearsal = IdleRehearsal(self.journal, self.learning, cfg)
         while not self._stop.is_set():
             if self.journal.gone:  # nothing is learned or checkpointed into a state dir not ours
                 raise DaemonError(self.journal.gone)
@@ -308,8 +338,9 @@ class Daemon:
                     self._consolidated(task)
                 self.settled = self.learning.offset
             now = time.monotonic()
-            if chunks:
+            if any(chunk.kind != REHEARSE for chunk in chunks):
                 last_record_s = now
+                rehearsal.taken = 0
             if (self.learning.learned - last_checkpoint_learned >= cfg.checkpoint_every
                     or now - last_checkpoint_s >= cfg.checkpoint_seconds):
                 last_checkpoint_s, last_checkpoint_learned = now, self.learning.learned
@@ -324,6 +355,8 @@ class Daemon:
                         and flushed_at != learning.read_seq:
                     flushed_at = learning.read_seq  # one marker per stalled batch
                     self.journal.append_marker(FLUSH, learning.pending_task or "")
+                elif not learning.pending and now - last_record_s > cfg.rehearse_after_s:
+                    rehearsal.offer()
                 self.journal.wait(self.learning.read_seq, 0.05)
         self._run_calls()
         self._save_checkpoint(self.learning)
@@ -416,6 +449,8 @@ class Daemon:
             "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
             # training steps not applied: their loss, gradients or new weights were not finite
             "skipped_steps": learning.learner.counters.get("nonfinite_steps", 0),
+            # memory steps taken while ingest was idle (learn.rehearse_steps)
+            "rehearsal_steps": learning.learner.counters.get("rehearsal_steps", 0),
             "diverged": self.diverged, "ingest_events": dict(self.ingest_events),
             "lost": self.lost + learning.lost,
             # numbered senders' messages that never arrived (dropped on the way, or refused)

@@ -179,7 +179,9 @@ class DaemonCollector:
                                 ("trained", "Samples trained on."),
                                 ("rejected", "Samples or requests refused by validation."),
                                 ("skipped_steps", "Training steps not applied: their loss, "
-                                                  "gradients or new weights were not finite.")):
+                                                  "gradients or new weights were not finite."),
+                                ("rehearsal_steps", "Memory steps taken while ingest was idle "
+                                                    "(learn.rehearse_steps).")):
             yield CounterMetricFamily(f"edgecl_learn_{name}", help_text, value=s[name])
         events = CounterMetricFamily("edgecl_learn_ingest_events", "Ingest sources' events "
                                      "beside samples (connections refused or closed idle, MQTT "

@@ -10,10 +10,12 @@ disk. A torn write at a power cut is SQLite's to recover: a WAL commit that did 
 discarded whole when the database is opened.
 
 Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch,
-LOST stands for `count` records that storage damage destroyed. An end that says how many of the
-task's samples its sender had acknowledged waits, in the writer, until that many have been
-journaled (from any transport), so it can never overtake them; an end repeated with no sample of
-the task journaled since the last one is answered with that one's seq, journaling nothing.
+LOST stands for `count` records that storage damage destroyed, REHEARSE has the learner take
+the number of memory steps its `y` holds (idle rehearsal: journaled, so a replay repeats it).
+An end that says how many of the task's samples its sender had acknowledged waits, in the
+writer, until that many have been journaled (from any transport), so it can never overtake
+them; an end repeated with no sample of the task journaled since the last one is answered with
+that one's seq, journaling nothing.
 Likewise a request whose id (`Samples.request_id`) the journal holds is answered with its first
 answer, `duplicate` set: ids are kept as long as the request's samples are (until a checkpoint
 holds them and the journal before it is truncated). A numbered sender's message (`Samples.sender`)
@@ -53,7 +55,7 @@ import numpy as np
 from edgecl.daemon.schema import SampleError, Samples, Sender
 
 log = logging.getLogger("edgecl.learn")
-SAMPLE, END, FLUSH, LOST = 0, 1, 2, 3
+SAMPLE, END, FLUSH, LOST, REHEARSE = 0, 1, 2, 3, 4
 GROUP_MAX = 256  # appends committed together at most
 COLUMNS = "seq, count, kind, task, y, x, crc"
 SCHEMA = """
@@ -77,7 +79,7 @@ END_POLL_S = 0.1  # how often the writer looks at waiting ends while nothing els
 @dataclass(frozen=True, eq=False)
 class Chunk:
     """Samples seq .. seq + count - 1 of one task (`y` int64 [count], `x` float32
-    [count, size]), or a marker (count 1, no y or x)."""
+    [count, size]), or a marker (count 1, no x; a REHEARSE marker's `y` holds its steps)."""
 
     seq: int
     count: int
@@ -152,9 +154,10 @@ class LastSeqFile:
 
 class _Append:
     def __init__(self, kind: int, samples: Samples | None, task: str | None,
-                 expected: int | None = None, wait_s: float = 0.0) -> None:
+                 expected: int | None = None, wait_s: float = 0.0, steps: int = 0) -> None:
         self.kind, self.samples, self.task = kind, samples, task
         self.expected = expected  # an END: the task's samples to journal first
+        self.steps = steps  # a REHEARSE marker's memory steps
         self.deadline = time.monotonic() + wait_s
         self.future: Future[Appended] = Future()
 
@@ -260,6 +263,10 @@ class Journal:
 
     def append_marker(self, kind: int, task: str) -> Future[Appended]:
         return self._submit(_Append(kind, None, task))
+
+    def append_rehearsal(self, steps: int) -> Future[Appended]:
+        """A REHEARSE marker: `steps` memory steps for the learner, where it reads it."""
+        return self._submit(_Append(REHEARSE, None, "", steps=steps))
 
     def append_end(self, task: str, expected: int | None, wait_s: float) -> Future[Appended]:
         """Journal the end of `task` once `expected` of its samples (all it ever had, None: no
@@ -463,7 +470,9 @@ class Journal:
               ) -> tuple[list[tuple], dict[str, int]]:
         """The item's rows from seq + 1 on: one per run of one task's samples, or the marker."""
         if item.samples is None:
-            return [_row(seq + 1, 1, item.kind, item.task or "")], {}
+            steps = np.int64([item.steps]).astype("<i8").tobytes() if item.kind == REHEARSE \
+                else None
+            return [_row(seq + 1, 1, item.kind, item.task or "", steps)], {}
         s = item.samples
         counts: dict[str, int] = {}
         for task in s.tasks:
@@ -593,6 +602,8 @@ def _runs(tasks: list[str]) -> list[tuple[int, int]]:
 
 def _chunk(seq: int, count: int, kind: int, task: str, y: bytes | None, x: bytes | None
            ) -> Chunk:
+    if kind == REHEARSE:
+        return Chunk(seq, count, kind, task, np.frombuffer(y, dtype="<i8"))
     if kind != SAMPLE:
         return Chunk(seq, count, kind, task)
     # writable copies (bytearray): torch takes views of them without a warning

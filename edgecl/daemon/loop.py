@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgecl.config import LearnConfig
-from edgecl.daemon.journal import END, FLUSH, LOST, SAMPLE, Chunk
+from edgecl.daemon.journal import END, FLUSH, LOST, REHEARSE, SAMPLE, Chunk
 from edgecl.learners import Learner
 from edgecl.metrics import Evaluator
 from edgecl.setup import SampleSchema
@@ -146,12 +146,14 @@ class Learning:
         if chunk.last <= self.read_seq or chunk.seq > self.read_seq + 1:
             raise ValueError(f"chunk {chunk.seq}..{chunk.last} does not follow {self.read_seq}")
         if chunk.kind != SAMPLE:
-            if chunk.kind not in (END, FLUSH, LOST):
+            if chunk.kind not in (END, FLUSH, LOST, REHEARSE):
                 raise ValueError(f"chunk {chunk.seq}: unknown kind {chunk.kind}")
             if self.pending:
                 self.close_batch()
             if chunk.kind == END:
                 self.end(chunk.task)
+            if chunk.kind == REHEARSE and chunk.y is not None:
+                self.learner.rehearse(int(chunk.y[0]))
             if chunk.kind == LOST:  # may start before the offset: a checkpoint held those
                 self.lost += chunk.last - self.offset
                 self._advance([f"lost {self.offset + 1}-{chunk.last}"], chunk.last)

@@ -246,6 +246,7 @@ class Learner(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[BaseModel]] = NoParams
     uses_memory: ClassVar[bool] = False
+    can_rehearse: ClassVar[bool] = False  # `rehearse` trains on the memory alone (idle time)
     # Optimiser settings this method is tuned with (on pmnist, like its `Params` defaults).
     optimizer_defaults: ClassVar[dict[str, Any]] = {}
     # Per benchmark name, the "optimizer" and "method" keys it runs with where that benchmark
@@ -293,6 +294,11 @@ class Learner(ABC):
     @abstractmethod
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         """One single-pass step on a batch of task `slot` (already on the device)."""
+
+    def rehearse(self, steps: int) -> None:
+        """`steps` steps on what the memory holds of every task, as a device does when idle
+        (methods with `can_rehearse`); counted as `rehearsal_steps`."""
+        raise NotImplementedError(f"{self.name} does not rehearse from memory")
 
     def begin_task(self, slot: int) -> None:  # noqa: B027 - optional hook
         """Called when task `slot` opens (its first batch, or its return after a switch)."""

@@ -83,9 +83,15 @@ def rows_logits(net: TaskNet, features: torch.Tensor, heads: torch.Tensor) -> to
     return torch.einsum("ncf,nf->nc", weight[index], features) + bias[index]
 
 
+EVERY_TASK = -1  # no slot: a draw from every stored task's memory
+
+
 class Replay(EpisodicLearner):
     """ER and DER++: each step learns the incoming batch and a replay batch of past tasks'
-    memory; a method defines the replayed samples' loss (`replay_terms`)."""
+    memory; a method defines the replayed samples' loss (`replay_terms`). When idle, they
+    rehearse: steps on replay batches of every task's memory alone."""
+
+    can_rehearse = True
 
     @classmethod
     def decode_rows(cls, params: ERParams, memory: MemoryConfig) -> int:
@@ -103,6 +109,25 @@ class Replay(EpisodicLearner):
             if not self.train_on(x, y, slot, self.draw_replay(slot), store=False)[1]:
                 break
         return StepStats(loss)
+
+    def rehearse(self, steps: int) -> None:
+        for _ in range(steps):
+            replay = self.draw_replay(EVERY_TASK)
+            if replay is None:
+                return
+            zero_grad(self.optimizer)
+            logits = rows_logits(self.net, self.net.body(replay.x), replay.heads)
+            terms = self.replay_terms(logits, replay)
+            finite = terms.isfinite()
+            if not bool(finite.any()):
+                self.count("replay_nonfinite_samples", len(terms))
+                continue
+            if not bool(finite.all()):
+                self.count("replay_nonfinite_samples", int((~finite).sum()))
+            loss = terms[finite].mean()
+            loss.backward()
+            if self.step(loss):
+                self.count("rehearsal_steps")
 
     def draw_replay(self, slot: int) -> ReplayBatch | None:
         """`replay_batch` samples of every stored task but `slot`, decoded (valid until the next

@@ -98,6 +98,16 @@ def use_threads(n: int) -> None:
         torch.set_num_interop_threads(1)
 
 
+def _preset_method(config: Path | None) -> str | None:
+    """The method whose settings a preset states, if it states one."""
+    from edgecl.config import MethodConfig, read_yaml, section_name
+
+    if config is None:
+        return None
+    data = read_yaml(config)
+    return str(section_name(data, "method", MethodConfig)) if "method" in data else None
+
+
 def _bench_overrides(benchmark: str | None, method: str | None, tasks: int | None,
                      samples_per_task: int | None, batch_size: int | None, seed: int | None,
                      data_dir: Path | None, device: str | None,
@@ -159,7 +169,14 @@ def bench(
     """
     from edgecl.data import BenchmarkError
     from edgecl.protocol import run_protocol, run_warnings, write_run
-    from edgecl.setup import benchmark_for, learner_spec, method_configs, new_learner
+    from edgecl.setup import (
+        DEFAULTS_TUNED_ON,
+        benchmark_for,
+        learner_spec,
+        method_configs,
+        new_learner,
+        untuned_methods,
+    )
 
     overrides = _bench_overrides(benchmark, method, tasks, samples_per_task, batch_size, seed,
                                  data_dir, device, threads)
@@ -174,6 +191,12 @@ def bench(
         fail(str(e))
     use_threads(configs[0].threads)
     many = len(configs) > 1
+    untuned = untuned_methods(configs, _preset_method(config)) if many else []
+    if untuned:
+        say(f"note: {', '.join(untuned)} run their {DEFAULTS_TUNED_ON} settings on {data.name}, "
+            "which nobody tuned for it: their results may be far from what they can do; "
+            f"choose settings on validation with `edgecl tune --benchmark {data.name} "
+            "--method M` and pass the preset it writes")
     name = method if many else configs[0].method.name
     slug = data.name.replace(":", "_").replace("/", "_")
     out = out or Path("runs") / f"{slug}-{name}-s{configs[0].seed}"

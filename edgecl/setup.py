@@ -114,6 +114,18 @@ def method_configs(config: Path | None, overrides: dict[str, Any]) -> list[Confi
     return [load_config(config, {**overrides, "method": {"name": name}}) for name in LEARNERS]
 
 
+DEFAULTS_TUNED_ON = "pmnist"  # the benchmark every method's defaults were chosen on
+
+
+def untuned_methods(configs: list[Config], preset_method: str | None) -> list[str]:
+    """The methods of `configs` that run settings nobody chose for their benchmark: neither
+    the preset's own method (the preset states its settings) nor one with `tuned` settings
+    for it; on pmnist, none (the defaults were chosen there)."""
+    return [cfg.method.name for cfg in configs
+            if cfg.benchmark.name != DEFAULTS_TUNED_ON and cfg.method.name != preset_method
+            and cfg.benchmark.name not in learner_class(cfg.method.name).tuned]
+
+
 # --- the data --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DataShape:

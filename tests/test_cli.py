@@ -1,6 +1,7 @@
 """`edgecl bench` end to end through the command line."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from edgecl import __version__, protocol, setup
 from edgecl.checkpoint import load_learner
 from edgecl.cli import app, print_table
+from edgecl.learners import learner_class
 from edgecl.registry import BENCHMARKS, LEARNERS, NEEDS_DATA_DIR
 
 RESULT_KEYS = {"benchmark", "method", "seed", "n_tasks", "acc", "bwt", "fwt", "R", "b", "wall_s",
@@ -180,3 +182,27 @@ def test_a_table_is_never_cut_when_the_output_is_not_a_terminal(capsys):
     table.add_row(long_id, "0.875")
     print_table(table)  # capsys: stdout is no terminal
     assert long_id in capsys.readouterr().out
+
+
+def test_method_all_on_a_preset_names_the_methods_running_untuned_settings():
+    preset = Path(__file__).parent.parent / "models" / "basicmotions-conv1d.yaml"
+    configs = setup.method_configs(preset, {"method": {"name": "all"}})
+    untuned = setup.untuned_methods(configs, "gem")  # the preset states gem's settings
+    assert "gem" not in untuned and set(untuned) < set(LEARNERS)
+    for name in LEARNERS:
+        tuned_here = "basicmotions" in learner_class(name).tuned
+        assert (name in untuned) == (name != "gem" and not tuned_here)
+    on_pmnist = setup.method_configs(None, {"method": {"name": "all"}})
+    assert setup.untuned_methods(on_pmnist, None) == []  # the defaults were chosen there
+
+
+def test_bench_says_which_methods_run_untuned_settings(tmp_path):
+    preset = tmp_path / "rot.yaml"
+    preset.write_text("benchmark: {name: rotmnist, n_tasks: 2, samples_per_task: 20}\n"
+                      "method: {name: er}\n")
+    r = bench("--config", str(preset), "--method", "all", "--device", "cpu", "--out",
+              str(tmp_path / "runs"))
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "which nobody tuned for it" in said and "edgecl tune --benchmark rotmnist" in said
+    assert "note: er," not in said and ", er," not in said  # the preset's own method

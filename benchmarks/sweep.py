@@ -16,6 +16,7 @@ test numbers the sweep prints. The presets' comments quote sweeps made with it, 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import yaml
@@ -50,9 +51,9 @@ def main() -> None:
         configs = seed_configs(args.config, {}, setting, args.seeds)
         use_threads(configs[0].threads)
         trial = run_trial(setting, configs, load)
+        train_s = f"{statistics.mean(trial.train_s):.2f}" if trial.train_s else "-"
         print(f"{trial.label}: validation ACC {' '.join(f'{a:.4f}' for a in trial.accs)}; "
-              f"{mean_std(trial.accs)}; train_s {sum(trial.train_s) / len(trial.train_s):.2f}",
-              flush=True)
+              f"{trial.summary}; train_s {train_s}", flush=True)
         trials.append(trial)
     chosen = best(trials)
     print(f"chosen on validation: {chosen.label} ({chosen.acc:.4f})", flush=True)

@@ -317,6 +317,9 @@ def tune(
     chosen = best(trials)
     chosen_configs = runs[trials.index(chosen)][1]
     _print_trials(trials, chosen, base, seed_list)
+    if chosen.diverged:
+        fail("every setting diverged on at least one seed: try lower learning rates (--grid "
+             "optimizer.lr=...)", code=1)
     _print_offline_bound(chosen, chosen_configs, load)
     command = " ".join([
         "edgecl tune", *(["--config", str(config)] if config else []),
@@ -382,15 +385,14 @@ def _run_trials(runs: list[tuple[Setting, list[Config]]], load: Benchmarks) -> l
 def _print_trials(trials: list[Trial], chosen: Trial, base: Config, seeds: list[int]) -> None:
     import statistics
 
-    from edgecl.tune import mean_std
 
     table = Table(title=f"{base.benchmark.name} / {base.method.name}: validation split, seeds "
                         f"{', '.join(map(str, seeds))}")
     for col in ("setting", "validation ACC", "train_s", ""):
         table.add_column(col, justify="left" if col == "setting" else "right", overflow="fold")
     for t in trials:
-        table.add_row(t.label, mean_std(t.accs), f"{statistics.mean(t.train_s):.2f}",
-                      "chosen" if t is chosen else "")
+        train_s = f"{statistics.mean(t.train_s):.2f}" if t.train_s else "-"
+        table.add_row(t.label, t.summary, train_s, "chosen" if t is chosen else "")
     print_table(table)
 
 

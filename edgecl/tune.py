@@ -10,6 +10,7 @@ builds evaluates on validation. `edgecl tune` and `benchmarks/sweep.py` share th
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import yaml
 from edgecl.config import Config, LearnConfig, StreamConfig, deep_merge
 from edgecl.data import Benchmark
 from edgecl.joint import joint_training
+from edgecl.learners import LearnerDiverged
 from edgecl.protocol import Progress, run_protocol
 from edgecl.setup import benchmark_for, load_config
 
@@ -31,11 +33,14 @@ LR_FACTORS = (1 / 3, 1.0, 3.0)  # the default grid: the method's learning rate t
 
 @dataclass(frozen=True)
 class Trial:
-    """One setting's runs: validation ACC and training seconds per seed."""
+    """One setting's runs: validation ACC and training seconds per seed that did not diverge,
+    and how many seeds did (a setting that diverged on any is never chosen over one that did
+    not)."""
 
     setting: Setting
     accs: list[float]
     train_s: list[float]
+    diverged: int = 0
 
     @property
     def label(self) -> str:
@@ -43,7 +48,15 @@ class Trial:
 
     @property
     def acc(self) -> float:
-        return statistics.mean(self.accs)
+        return statistics.mean(self.accs) if self.accs and not self.diverged else -math.inf
+
+    @property
+    def summary(self) -> str:
+        """Validation ACC as mean ± std, saying on how many seeds it diverged."""
+        if not self.accs:
+            return f"diverged on all {self.diverged} seed(s)"
+        said = mean_std(self.accs)
+        return f"{said} (diverged on {self.diverged} more)" if self.diverged else said
 
 
 def nested(key: str, value: Any) -> dict[str, Any]:
@@ -91,13 +104,18 @@ class Benchmarks:
 def run_trial(setting: Setting, configs: list[Config],
               load: Callable[[Config], Benchmark] = benchmark_for,
               progress: Progress | None = None) -> Trial:
-    """Run the protocol once per config (one per seed)."""
-    accs, train_s = [], []
+    """Run the protocol once per config (one per seed); a seed on which the learner diverges
+    is counted, not fatal: the grid goes on."""
+    accs, train_s, diverged = [], [], 0
     for cfg in configs:
-        result, _ = run_protocol(cfg, load(cfg), progress)
+        try:
+            result, _ = run_protocol(cfg, load(cfg), progress)
+        except LearnerDiverged:
+            diverged += 1
+            continue
         accs.append(result["acc"])
         train_s.append(result["train_s"])
-    return Trial(setting, accs, train_s)
+    return Trial(setting, accs, train_s, diverged)
 
 
 def best(trials: list[Trial]) -> Trial:
@@ -129,6 +147,6 @@ def preset_yaml(cfg: Config, trials: list[Trial], chosen: Trial, command: str) -
     lines = [f"# Chosen on the validation split of {cfg.benchmark.name} (about 1/8 of each task's",
              "# training samples held out; the test split never read), by mean validation ACC",
              f"# over {len(chosen.accs)} seed(s), with: {command}",
-             *(f"#   {t.label}: {mean_std(t.accs)}{'  <- chosen' if t is chosen else ''}"
+             *(f"#   {t.label}: {t.summary}{'  <- chosen' if t is chosen else ''}"
                for t in trials)]
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)

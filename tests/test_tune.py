@@ -7,8 +7,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from edgecl import tune as tune_module
 from edgecl.cli import app
 from edgecl.data import BenchmarkError, load_benchmark
+from edgecl.learners import LearnerDiverged
 from edgecl.setup import load_config
 
 TRAIN, TEST = 96, 40  # samples per task; 32 recordings of 3 windows each per training split
@@ -137,3 +139,24 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tasks, args, message):
 def test_help_explains_the_validation_split():
     r = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "never the test split" in r.output
+
+
+def test_a_setting_that_diverges_is_reported_and_never_chosen(tmp_path, tasks, monkeypatch):
+    run_protocol = tune_module.run_protocol
+
+    def diverging_at_high_lr(cfg, *args, **kwargs):
+        if cfg.optimizer.lr > 1:
+            raise LearnerDiverged("its last 100 steps were all skipped", "task01", 100)
+        return run_protocol(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "run_protocol", diverging_at_high_lr)
+    base, out = tmp_path / "tiny.yaml", tmp_path / "preset.yaml"
+    base.write_text("net: {name: mlp, hidden: [16]}\n")
+    r = CliRunner().invoke(app, [
+        "tune", "--config", str(base), "--benchmark", f"file:{tasks}", "--method", "finetune",
+        "--seeds", "0", "--grid", "optimizer.lr=0.01,10", "--out", str(out)],
+        env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "diverged on all 1 seed(s)" in r.output
+    (chosen,) = [line for line in chosen_lines(out.read_text()) if "<- chosen" in line]
+    assert "optimizer.lr=0.01" in chosen

@@ -81,13 +81,13 @@ def test_a_group_array_of_the_wrong_length_is_a_clear_error(tmp_path):
         load_benchmark(f"file:{path}", validation=True)
 
 
-def tune(tmp_path: Path, data: Path):
-    """`edgecl tune` of a 16-unit MLP on `data`: 2 learning rates x 2 seeds."""
+def tune(tmp_path: Path, data: Path, lrs: str = "0.01,0.1", seeds: str = "0,1"):
+    """`edgecl tune` of a 16-unit MLP on `data`: learning rates `lrs` x `seeds`."""
     base, out = tmp_path / "tiny.yaml", tmp_path / "preset.yaml"
     base.write_text("net: {name: mlp, hidden: [16]}\n")
     r = CliRunner().invoke(app, [
         "tune", "--config", str(base), "--benchmark", f"file:{data}", "--method", "finetune",
-        "--seeds", "0,1", "--grid", "optimizer.lr=0.01,0.1", "--out", str(out)],
+        "--seeds", seeds, "--grid", f"optimizer.lr={lrs}", "--out", str(out)],
         env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     return r.output, out.read_text()
@@ -150,13 +150,7 @@ def test_a_setting_that_diverges_is_reported_and_never_chosen(tmp_path, tasks, m
         return run_protocol(cfg, *args, **kwargs)
 
     monkeypatch.setattr(tune_module, "run_protocol", diverging_at_high_lr)
-    base, out = tmp_path / "tiny.yaml", tmp_path / "preset.yaml"
-    base.write_text("net: {name: mlp, hidden: [16]}\n")
-    r = CliRunner().invoke(app, [
-        "tune", "--config", str(base), "--benchmark", f"file:{tasks}", "--method", "finetune",
-        "--seeds", "0", "--grid", "optimizer.lr=0.01,10", "--out", str(out)],
-        env={"COLUMNS": "200"})
-    assert r.exit_code == 0, r.output
-    assert "diverged on all 1 seed(s)" in r.output
-    (chosen,) = [line for line in chosen_lines(out.read_text()) if "<- chosen" in line]
+    output, preset = tune(tmp_path, tasks, lrs="0.01,10", seeds="0")
+    assert "diverged on all 1 seed(s)" in output
+    (chosen,) = [line for line in chosen_lines(preset) if "<- chosen" in line]
     assert "optimizer.lr=0.01" in chosen

@@ -32,9 +32,10 @@ def wait_for_status(daemon: Daemon, key: str, value: int, timeout_s: float = 60.
         time.sleep(0.02)
 
 
-def post(server, task: str, index: int, n: int = 40) -> None:
-    x, y = task_samples(index, n)
-    assert call(server, "POST", "/v1/samples", {"samples": records(task, x, y)})[0] == 202
+def post(server, *tasks: tuple[str, int], n: int = 40) -> None:
+    """One request holding `n` samples of each (task, index): no idle time between them."""
+    samples = [r for task, index in tasks for r in records(task, *task_samples(index, n))]
+    assert call(server, "POST", "/v1/samples", {"samples": samples})[0] == 202
 
 
 @pytest.mark.parametrize("method", ["er", "der"])
@@ -42,11 +43,10 @@ def test_idle_rehearsal_is_journaled_bounded_and_replayed_exactly(tmp_path, meth
     cfg = stream_config(method, **IDLE)
     daemon = Daemon(cfg, tmp_path / "state")
     with running(daemon) as server:
-        post(server, "a", 0)
-        post(server, "b", 1)
+        post(server, ("a", 0), ("b", 1))  # one request: no idle period between the tasks
         wait_learned(daemon, 80)
         wait_for_status(daemon, "rehearsal_steps", 25)  # 10 + 10 + 5, then the budget is spent
-        post(server, "b", 2)  # a new record opens another idle period
+        post(server, ("b", 2))  # a new record opens another idle period
         wait_for_status(daemon, "rehearsal_steps", 50)
         metrics = call(server, "GET", "/metrics")[1]
         assert "edgecl_learn_rehearsal_steps_total 50.0" in metrics
@@ -63,8 +63,7 @@ def test_rehearsal_waits_for_idle_time_and_moves_the_weights(tmp_path):
     cfg = stream_config("er", **{**IDLE, "rehearse_after_s": 3600.0})
     daemon = Daemon(cfg, tmp_path / "state")
     with running(daemon) as server:
-        post(server, "a", 0)
-        post(server, "b", 1)
+        post(server, ("a", 0), ("b", 1))
         wait_learned(daemon, 80)
         assert daemon.status()["rehearsal_steps"] == 0  # not idle long enough
         weights = daemon.call(lambda: copy.deepcopy(daemon.learning.learner.net.state_dict()))

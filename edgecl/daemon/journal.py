@@ -457,10 +457,11 @@ class Journal:
             "INSERT INTO senders (name, seq, missing, at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, missing = excluded.missing, "
             "at = excluded.at", [(n, s.seq, s.missing, s.at) for n, s in state.senders.items()])
-        known = {**self.senders, **state.senders}
-        excess = len(known) - MAX_SENDERS
-        if excess <= 0:
+        new = sum(name not in self.senders for name in state.senders)
+        excess = len(self.senders) + new - MAX_SENDERS
+        if excess <= 0:  # the usual case: no copy of every sender on each commit
             return []
+        known = {**self.senders, **state.senders}
         forgotten = sorted(known, key=lambda n: known[n].at)[:excess]
         self._writer_db.executemany("DELETE FROM senders WHERE name = ?",
                                     [(n,) for n in forgotten])

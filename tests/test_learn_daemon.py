@@ -4,6 +4,8 @@ dir lock, checkpoints and their recovery, the unix socket."""
 import os
 import stat
 import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +27,7 @@ from learn_helpers import (
 from edgecl.daemon.client import LearnClient
 from edgecl.daemon.daemon import Daemon, DaemonError
 from edgecl.daemon.journal import END, Journal
-from edgecl.daemon.loop import replay
+from edgecl.daemon.loop import HoldoutSet, replay
 from edgecl.daemon.schema import BINARY_TYPE
 from edgecl.daemon.unixsocket import SocketSource
 from edgecl.setup import build_config, new_learner, stream_learner_spec, stream_schema
@@ -66,6 +68,27 @@ def test_samples_are_acknowledged_learned_and_shown_in_status(tmp_path):
         assert status == 200 and "edgecl_learn_accepted_total 102.0" in text
         assert 'edgecl_learn_task_accuracy{task="site-a"}' in text
         assert call(server, "GET", "/openapi.json")[1]["paths"]["/v1/samples"]
+
+
+def test_held_out_counts_can_be_read_while_the_learner_adds_tasks():
+    """Status reads the held-out counts on the HTTP thread while the learning thread adds the
+    first sample of a new task: reading must never see the task map change under it (it once
+    answered /v1/status with a 500 when a task began during a poll)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    holdout = HoldoutSet(1, (1,), max_tasks=3000)
+    x, y = np.zeros((1, 1), np.float32), np.zeros(1, np.int64)
+    adder = threading.Thread(target=lambda: [holdout.add(f"t{i}", x, y) for i in range(3000)])
+    reads = 0
+    try:
+        adder.start()
+        while adder.is_alive():
+            holdout.counts()
+            reads += 1
+    finally:
+        adder.join()
+        sys.setswitchinterval(interval)
+    assert reads > 0 and holdout.counts() == {f"t{i}": 1 for i in range(3000)}
 
 
 def test_a_bad_request_is_refused_whole_and_changes_nothing(tmp_path):

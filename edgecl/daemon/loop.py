@@ -64,7 +64,8 @@ class HoldoutSet:
         return self.x[slot, :n], self.y[slot, :n]
 
     def counts(self) -> dict[str, int]:
-        return {task: min(int(self.filled[s]), self.capacity) for task, s in self.slots.items()}
+        slots = dict(self.slots)  # one step: status reads this while the learner adds tasks
+        return {task: min(int(self.filled[s]), self.capacity) for task, s in slots.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """The filled part of each task's ring (copies: a view would save the whole buffer)."""

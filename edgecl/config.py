@@ -62,6 +62,8 @@ class OptimizerConfig(_Strict):
     lr: PositiveFloat = 0.03
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: NonNegativeFloat = 0.0
+    # optimiser steps on each incoming batch (La-MAML's "glances"): small tasks, few batches
+    steps_per_batch: PositiveInt = 1
 
 
 class MemoryConfig(_Strict):

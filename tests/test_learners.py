@@ -23,8 +23,9 @@ def test_every_learner_learns_a_task(method, head):
 
 
 @pytest.mark.parametrize("method", sorted(LEARNERS))
-def test_restored_learner_takes_exactly_the_same_next_step(tmp_path, method):
-    learner = make_learner(method, optimizer={"momentum": 0.9})
+@pytest.mark.parametrize("steps_per_batch", [1, 2])
+def test_restored_learner_takes_exactly_the_same_next_step(tmp_path, method, steps_per_batch):
+    learner = make_learner(method, optimizer={"momentum": 0.9, "steps_per_batch": steps_per_batch})
     train(learner, 0)
     x, y = task_batches(1, n_batches=1)[0]
     learner.observe(x, y, "t1")  # leave a task open: the checkpoint must capture that too
@@ -36,6 +37,56 @@ def test_restored_learner_takes_exactly_the_same_next_step(tmp_path, method):
         lrn.observe(*task_batches(2, n_batches=1)[0], "t2")
     for a, b in zip(params(learner), params(restored), strict=True):
         assert torch.equal(a, b)
+
+
+def spy_on_steps(learner, skip_call: int | None = None) -> list[bool]:
+    """Record whether each optimiser step of `learner` was applied; with `skip_call`, that
+    call (1-based) is skipped as a non-finite one would be."""
+    applied: list[bool] = []
+    step = learner.step
+
+    def spied(loss, apply=None):
+        if len(applied) + 1 == skip_call:
+            learner._skip_reason = "loss was"
+            applied.append(False)
+        else:
+            applied.append(step(loss, apply))
+        return applied[-1]
+
+    learner.step = spied
+    return applied
+
+
+@pytest.mark.parametrize("method", sorted(LEARNERS))
+def test_several_steps_per_batch_each_step_and_the_batch_is_stored_once(method):
+    learner = make_learner(method, optimizer={"steps_per_batch": 3})
+    train(learner, 0)
+    stored = len(learner.memory) if learner.memory is not None else None
+    applied = spy_on_steps(learner)
+    before = params(learner)
+    x, y = task_batches(0, n_batches=1)[0]
+    learner.observe(x, y, "t0")
+    assert applied == [True] * 3
+    if stored is not None:
+        assert len(learner.memory) == min(stored + len(y), learner.memory.quota)
+    one_step = make_learner(method)
+    train(one_step, 0)
+    one_step.observe(x, y, "t0")  # the first of the three steps is the whole of a 1-step batch
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(learner), strict=True))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(params(one_step), params(learner), strict=True))
+
+
+def test_a_skipped_later_step_of_a_batch_is_counted_and_ends_its_steps():
+    learner = make_learner("finetune", optimizer={"steps_per_batch": 3})
+    applied = spy_on_steps(learner, skip_call=2)
+    x, y = task_batches(0, n_batches=1)[0]
+    stats = learner.observe(x, y, "t0")
+    assert applied == [True, False]  # the third step is not taken
+    assert not stats.skipped  # the batch's first step stands
+    assert learner.stats()["nonfinite_steps"] == 1 and learner.stats()["nonfinite_streak"] == 1
+    learner.observe(x, y, "t0")
+    assert applied[2:] == [True] * 3 and "nonfinite_streak" not in learner.stats()
 
 
 def test_finetune_forgets_and_independent_does_not():

@@ -50,7 +50,8 @@ def stream(tasks: list[int], n_batches: int = 4) -> list[tuple[torch.Tensor, tor
 @pytest.mark.parametrize("head", ["shared", "per_task"])
 def test_replay_is_drawn_from_the_memory_of_other_tasks_only(method, head):
     learner = make_learner(method, head, max_tasks=3,
-                           params={"replay_batch": 6, "steps_per_batch": 1})
+                           params={"replay_batch": 6},
+                           optimizer={"steps_per_batch": 1})
     draws = spy_on_draws(learner)
     for x, y, task in stream([0]):
         learner.observe(x, y, task)
@@ -68,7 +69,7 @@ def test_replay_is_drawn_from_the_memory_of_other_tasks_only(method, head):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_of_several_steps_per_batch_draws_afresh_and_the_batch_is_stored_once(method):
-    learner = make_learner(method, params={"steps_per_batch": 3, "replay_batch": 4})
+    learner = make_learner(method, params={"replay_batch": 4}, optimizer={"steps_per_batch": 3})
     train(learner, 0)
     draws = spy_on_draws(learner)
     applied = []
@@ -205,8 +206,8 @@ def test_a_run_resumed_from_checkpoints_is_bit_identical_to_an_uninterrupted_one
         tmp_path, method, head):
     """Checkpoints in the middle of a task, at a task switch and after a task returned; a tight
     uint8 memory whose quota shrinks on the way; momentum; two steps per batch."""
-    settings = {"method": method, "head": head, "optimizer": {"momentum": 0.9},
-                "params": {"replay_batch": 5, "steps_per_batch": 2},
+    settings = {"method": method, "head": head,
+                "optimizer": {"momentum": 0.9, "steps_per_batch": 2}, "params": {"replay_batch": 5},
                 "memory": {"per_task": 8, "budget_bytes": 800, "dtype": "uint8"}}
     batches = stream([0, 1, 2, 0])
     uninterrupted = make_learner(**settings)

@@ -295,6 +295,11 @@ class Learner(ABC):
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         """One single-pass step on a batch of task `slot` (already on the device)."""
 
+    def glance(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
+        """Another step on the batch `learn` just stepped on (`optimizer.steps_per_batch` > 1):
+        `learn` without what it does once per batch, such as storing the batch in memory."""
+        self.learn(x, y, slot)
+
     def rehearse(self, steps: int) -> None:
         """`steps` steps on what the memory holds of every task, as a device does when idle
         (methods with `can_rehearse`); counted as `rehearsal_steps`."""
@@ -371,6 +376,7 @@ class Learner(ABC):
         stats = self.learn(x, y, self.slot(task))
         if self._skip_reason is None:
             self.counters.pop("nonfinite_streak", None)
+            self.glances(x, y, task)
             return stats
         for norm, saved in fitting:  # a skipped step leaves the input statistics alone too
             for b, old in zip(norm.buffers(), saved, strict=True):
@@ -378,6 +384,16 @@ class Learner(ABC):
         stats.skipped = True
         self.step_skipped(task, self._skip_reason)
         return stats
+
+    def glances(self, x: torch.Tensor, y: torch.Tensor, task: str) -> None:
+        """The batch's steps after its first (`optimizer.steps_per_batch`); a skipped one is
+        counted and ends them, and the steps before it stand."""
+        for _ in range(1, self.spec.config.optimizer.steps_per_batch):
+            self.glance(x, y, self.slot(task))
+            if self._skip_reason is not None:
+                self.step_skipped(task, self._skip_reason)
+                return
+            self.counters.pop("nonfinite_streak", None)
 
     def step_skipped(self, task: str, reason: str) -> None:
         """Count a step of `task` that `step` skipped (logged the first time per task); raise

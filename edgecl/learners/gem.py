@@ -309,6 +309,13 @@ class EpisodicProjection(EpisodicLearner):
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
         self.memory.add(x, y, slot)
+        return self.projected_step(x, y, slot)
+
+    def glance(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
+        self.projected_step(x, y, slot)
+
+    def projected_step(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
+        """One step on the batch along its gradient projected against past memories."""
         past = self.past_memory(slot)
         if past is None:
             return self.sgd_step(x, y, slot)

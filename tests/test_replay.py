@@ -67,6 +67,40 @@ def test_replay_is_drawn_from_the_memory_of_other_tasks_only(method, head):
     assert {s for d in draws[4:] for s, _ in d} == {1, 2}
 
 
+@pytest.mark.parametrize("head", ["shared", "per_task"])
+def test_a_shared_head_replays_a_rare_class_as_often_as_a_common_one(head):
+    """Task t0's memory holds 44 samples of class 0 and 8 each of classes 1 and 2; with a
+    shared head the replay draws each class about a third of the time; per-task heads (and
+    `class_balanced: false`) draw the samples uniformly, class 0 about 73% of the time."""
+    shares = {}
+    for balanced in (True, False):
+        learner = make_learner("er", head, memory={"per_task": 60},
+                               params={"replay_batch": 10, "class_balanced": balanced})
+        generator = torch.Generator().manual_seed(1)
+        y = torch.tensor([1, 2] * 8 + [0] * 44)[torch.randperm(60, generator=generator)]
+        x = torch.rand(60, 1, 4, 4, generator=generator)
+        for i in range(0, 60, 10):
+            learner.observe(x[i:i + 10], y[i:i + 10], "t0")
+        replayed = []
+        draw = learner.draw_replay
+
+        def spied(slot, draw=draw, replayed=replayed):
+            batch = draw(slot)
+            replayed.append(batch.y.clone())
+            return batch
+
+        learner.draw_replay = spied
+        for _ in range(60):
+            learner.observe(x[:10], y[:10], "t1")
+        counts = torch.bincount(torch.cat(replayed), minlength=3)
+        shares[balanced] = (counts / counts.sum()).tolist()
+    if head == "shared":
+        assert all(0.25 < share < 0.42 for share in shares[True]), shares
+    else:
+        assert shares[True] == shares[False]
+    assert shares[False][0] > 0.65, shares
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_of_several_steps_per_batch_draws_afresh_and_the_batch_is_stored_once(method):
     learner = make_learner(method, params={"replay_batch": 4}, optimizer={"steps_per_batch": 3})

@@ -6,7 +6,8 @@ Both store every batch in the episodic memory of its task, as GEM does (the newe
 `memory.per_task` samples of each task, inside the memory's byte budget), and train each
 incoming batch (x, y) of task t together with a replay batch: `replay_batch` samples drawn with
 `self.rng`, without replacement, from the memories of the other tasks seen so far (never t's
-own):
+own; with a shared head and `class_balanced`, each sample weighted by one over its class's
+count, so a class the stream rarely showed is replayed as often as the others):
 
     ER:     loss = CE(f(x), y) + CE(f(x'), y')
     DER++:  loss = CE(f(x), y) + α·MSE(f(x'), z') + β·CE(f(x'), y')
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveInt
 
 from edgecl.config import MemoryConfig
 from edgecl.learners.base import StepStats, zero_grad
-from edgecl.learners.gem import EpisodicLearner
+from edgecl.learners.gem import EpisodicLearner, PastMemory
 from edgecl.nets import TaskNet
 
 
@@ -45,6 +46,8 @@ from edgecl.nets import TaskNet
 class ERParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     replay_batch: PositiveInt = 20  # other tasks' memory samples replayed with each batch
+    # with a shared head, draw each class as often as every other (a stream's rare class too)
+    class_balanced: bool = True
 
 
 class DERParams(ERParams):
@@ -132,13 +135,32 @@ class Replay(EpisodicLearner):
         past = self.past_memory(slot)
         if past is None:
             return None
-        rows = self.draw(past, self.params.replay_batch)
+        if self.params.class_balanced and len(self.net.heads) == 1:
+            rows = self.draw_balanced(past, self.params.replay_batch)
+        else:
+            rows = self.draw(past, self.params.replay_batch)
         on_device = rows.to(self.device)
         x, y = self.gather(past, on_device)
         logits = (self.memory.gather_logits(past.slots, on_device // past.quota,
                                             on_device % past.quota)
                   if self.stores_logits else None)
         return ReplayBatch(x, y, torch.tensor(past.heads)[rows // past.quota], logits)
+
+    def draw_balanced(self, past: PastMemory, n: int) -> torch.Tensor:
+        """`draw`, each sample weighted by one over its class's count in `past`: every class
+        stored is drawn about as often as every other."""
+        labels = self.memory.labels(past.slots).flatten().cpu()  # afresh: nothing kept beyond
+        rows = None  # the budget between steps
+        if any(count < past.quota for count in past.counts):
+            rows = past.filled_rows()
+            labels = labels[rows]
+        # weighted sampling without replacement (Efraimidis & Spirakis): the n largest keys
+        # log(U)/w, U ~ U(0, 1), weight w one over the class's count; several times faster than
+        # torch.multinomial without replacement
+        keys = torch.rand(len(labels), generator=self.rng).log_()
+        keys *= torch.bincount(labels)[labels]
+        pick = keys.topk(min(n, len(labels)), sorted=False).indices
+        return pick if rows is None else rows[pick]
 
     def train_on(self, x: torch.Tensor, y: torch.Tensor, slot: int, replay: ReplayBatch | None,
                  store: bool) -> tuple[torch.Tensor, bool]:

@@ -328,6 +328,11 @@ class EpisodicMemory:
             self._decode_into(x, self._bx[flat])
         return x, y
 
+    def labels(self, slots: Sequence[int]) -> torch.Tensor:
+        """The stored labels `[len(slots), quota]` of tasks `slots` (a copy; a task's positions
+        beyond its `filled` count hold no sample)."""
+        return self._y[[self._stored_row(s) for s in slots]]
+
     def gather_logits(self, slots: Sequence[int], task: torch.Tensor, position: torch.Tensor
                       ) -> torch.Tensor:
         """The stored logits `[n, logits]` of the samples `gather` reads for the same arguments,

@@ -23,7 +23,15 @@ from typing import Any, TypeVar
 from edgecl import __version__
 from edgecl.config import Config, LearnConfig
 from edgecl.daemon.checkpoints import CheckpointStore
+from edgecl.daemon.fleet import (
+    AggregateStore,
+    FleetError,
+    check_aggregate,
+    federation_refused,
+    share_of,
+)
 from edgecl.daemon.journal import (
+    FLEET,
     FLUSH,
     JOURNAL_RETRY_S,
     REHEARSE,
@@ -36,6 +44,7 @@ from edgecl.daemon.loop import Learning
 from edgecl.daemon.publisher import Publisher
 from edgecl.daemon.reserve import SpaceReserve, reserve_size
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
+from edgecl.fleet.wire import WireError, pack, unpack
 from edgecl.learners import LearnerDiverged
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
 from edgecl.web import release_freed_memory
@@ -151,6 +160,7 @@ class Daemon:
         self._lock_fd = lock_state_dir(state_dir)
         self.journal = Journal(state_dir / "journal.sqlite3", self.schema.max_tasks)
         self.checkpoints = CheckpointStore(state_dir / "checkpoints", cfg.learn.keep_checkpoints)
+        self.aggregates = AggregateStore(state_dir)
         self.reserve = SpaceReserve(state_dir / "reserve")
         self.making_room = False  # a checkpoint uses the reserve: ingest must not take it
         self.publisher = Publisher(repo, self.spec, self.schema,
@@ -180,6 +190,7 @@ class Daemon:
         self.settled = self.learning.offset
         self.footprint = self.learning.learner.footprint().to_dict()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self.fleet_node: Callable[[], dict[str, Any]] | None = None  # its status (learn --fleet)
         self.started_at = time.time()
 
     # --- start and stop --------------------------------------------------------------------
@@ -192,13 +203,14 @@ class Daemon:
                                   f"({restored.path.name}); use a new --state-dir or the same "
                                   "config")
             learning = Learning(restored.learner, self.schema, self.cfg.learn,
-                                restored.meta["learning"])
+                                restored.meta["learning"], self.aggregates)
             self.journal.skip_to(learning.offset)  # a damaged journal may end before it
             log.info("restored %s: journal offset %d", restored.path.name, learning.offset)
             self.last_checkpoint = {"file": restored.path.name, "offset": learning.offset,
                                     "at": restored.path.stat().st_mtime, "seconds": 0.0}
             return learning
-        learning = Learning(new_learner(self.spec), self.schema, self.cfg.learn)
+        learning = Learning(new_learner(self.spec), self.schema, self.cfg.learn,
+                            aggregates=self.aggregates)
         first = self.journal.first_seq()
         if first > 1:  # every checkpoint refused and the journal before them truncated
             self.lost = first - 1
@@ -297,6 +309,40 @@ class Daemon:
             log.error("checkpoint failed: %s", e)
             raise SampleError(f"the checkpoint could not be written: {e}", 507) from None
         return self.last_checkpoint or {}
+
+    # --- the fleet (any thread) -------------------------------------------------------------
+    def fleet_share(self, timeout_s: float = 60.0) -> bytes:
+        """The learner's share for a fleet round (edgecl.daemon.fleet), taken between steps."""
+        learner = self.learning.learner
+        refused = federation_refused(learner)
+        if refused:
+            raise SampleError(refused, 409)
+        share = self.call(lambda: share_of(learner, dict(self.journal.accepted)))
+        return pack(share.result(timeout_s))
+
+    def take_aggregate(self, data: bytes, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Journal the fleet's aggregate `data` (a FLEET marker, once it is stored) for the
+        learner to take; returns the marker's seq and the aggregate's sha256. SampleError
+        (400, 409, 422) for an aggregate this device cannot take: nothing is journaled."""
+        learner = self.learning.learner
+        refused = federation_refused(learner)
+        if refused:
+            raise SampleError(refused, 409)
+        try:
+            share = unpack(data)
+        except WireError as e:
+            raise SampleError(f"the aggregate: {e}", 400) from None
+        try:
+            self.call(lambda: check_aggregate(learner, share)).result(timeout_s)
+        except FleetError as e:
+            raise SampleError(str(e), 422) from None
+        if self.making_room:
+            raise JournalError("the disk is full: making room; nothing was accepted")
+        with self.aggregates.lock:
+            sha256 = self.aggregates.write(data)
+            appended = self.journal.append_aggregate(sha256).result(timeout_s)
+        log.info("fleet aggregate %s journaled at seq %d", sha256[:12], appended.first_seq)
+        return {"seq": appended.first_seq, "sha256": sha256}
 
     def evaluate(self) -> dict[str, float]:
         return self.learning.evaluate()
@@ -405,6 +451,7 @@ class Daemon:
         meta = {"learning": learning.state_dict()}
         path = self.checkpoints.save(learning.learner, meta, learning.offset, keep)
         self.journal.truncate(self.checkpoints.oldest_offset())
+        self.aggregates.prune(self.journal.marker_tasks(FLEET))
         return path
 
     def _consolidated(self, task: str) -> None:
@@ -470,6 +517,8 @@ class Daemon:
             # disk held back for a checkpoint on a full disk, and how often it was given up
             "disk": {"reserve_bytes": self.reserve.bytes, "reserve_used": self.reserve.used},
             "footprint": self.footprint,
+            # fleet aggregates taken (learn --fleet), and this device's SuperNode
+            "fleet": {**learning.fleet, "node": self.fleet_node() if self.fleet_node else None},
             "publish": self.publisher.status() if self.publisher else None,
             "uptime_s": time.time() - self.started_at,
         }

@@ -11,6 +11,8 @@ POST /v1/tasks/{task}/end    journal an end-of-task marker (consolidation happen
                              {"first_seq", "count", "duplicate"}
 POST /v1/tasks/{task}/export export the task's model now (needs --repo)
 POST /v1/checkpoint          checkpoint now;  POST /v1/evaluate: held-out accuracy now
+GET  /v1/fleet/share         the learner's weights for a fleet round (edgecl.fleet.wire)
+POST /v1/fleet/aggregate     the fleet's aggregate to take: 202 {"seq", "sha256"} once journaled
 GET  /v1/status, /v1/schema (what a sample must look like), /healthz, /readyz, /metrics,
      /openapi.json
 With a token every endpoint but /healthz needs `Authorization: Bearer <token>`.
@@ -33,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from edgecl.daemon.daemon import ADMISSION_ERRORS, Daemon
 from edgecl.daemon.openapi import openapi
 from edgecl.daemon.schema import EndTask, SampleError, Samples, check_request_id, end_body
+from edgecl.fleet import wire
 from edgecl.web import (
     Receive,
     RequestError,
@@ -49,6 +52,7 @@ from edgecl.web import (
 log = logging.getLogger("edgecl.learn")
 TASK_URL = re.compile(r"/v1/tasks/(?P<task>[^/]+)/(?P<action>end|export)")
 OPEN_PATHS = frozenset({"/healthz"})
+FLEET_CALLS = frozenset({("GET", "/v1/fleet/share"), ("POST", "/v1/fleet/aggregate")})
 
 
 class IngestApp:
@@ -69,7 +73,9 @@ class IngestApp:
         try:
             if path not in OPEN_PATHS:
                 authorize(self.token, dict(scope["headers"]))
-            if method == "GET":
+            if (method, path) in FLEET_CALLS:
+                response = await self._fleet(path, dict(scope["headers"]), receive)
+            elif method == "GET":
                 response = self._get(path)
             elif method == "POST":
                 response = await self._post(path, dict(scope["headers"]), receive)
@@ -98,6 +104,24 @@ class IngestApp:
         if path == "/openapi.json":
             return Response(200, self.openapi)
         raise RequestError(404, f"no such endpoint: GET {path}")
+
+    async def _fleet(self, path: str, headers: dict[bytes, bytes], receive: Receive
+                     ) -> Response:
+        """A fleet round's two calls (edgecl.fleet.client): the device's share, and the
+        aggregate to take (202 once it is journaled)."""
+        d = self.daemon
+        try:
+            if path == "/v1/fleet/share":
+                share = await asyncio.to_thread(d.fleet_share)
+                return Response(200, share, wire.MEDIA_TYPE)
+            body = await read_body(headers, receive, self.max_body_bytes)
+            return json_response(202, await asyncio.to_thread(d.take_aggregate, body))
+        except SampleError as e:
+            raise RequestError(e.status, str(e)) from None
+        except ADMISSION_ERRORS as e:
+            raise self._refused(e) from None
+        except RuntimeError as e:  # the learning thread is not running
+            raise RequestError(503, str(e)) from None
 
     async def _post(self, path: str, headers: dict[bytes, bytes], receive: Receive
                     ) -> Response:

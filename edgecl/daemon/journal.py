@@ -11,7 +11,9 @@ discarded whole when the database is opened.
 
 Markers: END closes a task (the learner consolidates it there), FLUSH closes a partial batch,
 LOST stands for `count` records that storage damage destroyed, REHEARSE has the learner take
-the number of memory steps its `y` holds (idle rehearsal: journaled, so a replay repeats it).
+the number of memory steps its `y` holds (idle rehearsal: journaled, so a replay repeats it),
+FLEET has it take the fleet's aggregate stored under the sha256 in its `task`
+(edgecl.daemon.fleet).
 An end that says how many of the task's samples its sender had acknowledged waits, in the
 writer, until that many have been journaled (from any transport), so it can never overtake
 them; an end repeated with no sample of the task journaled since the last one is answered with
@@ -55,7 +57,7 @@ import numpy as np
 from edgecl.daemon.schema import SampleError, Samples, Sender
 
 log = logging.getLogger("edgecl.learn")
-SAMPLE, END, FLUSH, LOST, REHEARSE = 0, 1, 2, 3, 4
+SAMPLE, END, FLUSH, LOST, REHEARSE, FLEET = 0, 1, 2, 3, 4, 5
 GROUP_MAX = 256  # appends committed together at most
 COLUMNS = "seq, count, kind, task, y, x, crc"
 SCHEMA = """
@@ -263,6 +265,10 @@ class Journal:
 
     def append_marker(self, kind: int, task: str) -> Future[Appended]:
         return self._submit(_Append(kind, None, task))
+
+    def append_aggregate(self, sha256: str) -> Future[Appended]:
+        """A FLEET marker: the learner takes the aggregate stored under `sha256`."""
+        return self._submit(_Append(FLEET, None, sha256))
 
     def append_rehearsal(self, steps: int) -> Future[Appended]:
         """A REHEARSE marker: `steps` memory steps for the learner, where it reads it."""
@@ -529,6 +535,11 @@ class Journal:
             self._last_seq_file.write(seq)
             with self._lock:
                 self._last_seq = seq
+
+    def marker_tasks(self, kind: int) -> set[str]:
+        """The `task` field of every marker of `kind` kept (a FLEET marker's: a sha256)."""
+        return {row[0] for row in self._reader_db.execute(
+            "SELECT task FROM chunks WHERE kind = ?", (kind,))}
 
     def first_seq(self) -> int:
         """The oldest seq kept (last_seq + 1 when none is)."""

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from edgecl.config import LearnConfig
-from edgecl.daemon.journal import END, FLUSH, LOST, REHEARSE, SAMPLE, Chunk
+from edgecl.daemon.fleet import AggregateStore, FleetError, apply_aggregate
+from edgecl.daemon.journal import END, FLEET, FLUSH, LOST, REHEARSE, SAMPLE, Chunk
 from edgecl.learners import Learner
 from edgecl.metrics import Evaluator
 from edgecl.setup import SampleSchema
@@ -107,8 +108,10 @@ class Learning:
     """
 
     def __init__(self, learner: Learner, schema: SampleSchema, cfg: LearnConfig,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None,
+                 aggregates: AggregateStore | None = None) -> None:
         self.learner = learner
+        self.aggregates = aggregates  # where FLEET markers' aggregates are (None: no fleet)
         self.schema = schema
         self.cfg = cfg
         self.holdout = HoldoutSet(cfg.eval_per_task, schema.input_shape, schema.max_tasks)
@@ -126,6 +129,9 @@ class Learning:
         # per task, the least and greatest input value of every sample taken: the range its
         # exported model states, which serve's input guard holds requests to
         self.ranges: dict[str, tuple[float, float]] = {}
+        # fleet aggregates taken (FLEET markers), the last one's sha256, those that could
+        # not be (gone, damaged: logged), and the tasks adopted from the fleet
+        self.fleet = {"taken": 0, "last": None, "failed": 0, "adopted": []}
         self._consolidated: list[str] = []  # by the chunk being taken
         self._skips_said: set[str] = set()  # tasks whose first skipped step was logged
         if state is not None:
@@ -147,7 +153,7 @@ class Learning:
         if chunk.last <= self.read_seq or chunk.seq > self.read_seq + 1:
             raise ValueError(f"chunk {chunk.seq}..{chunk.last} does not follow {self.read_seq}")
         if chunk.kind != SAMPLE:
-            if chunk.kind not in (END, FLUSH, LOST, REHEARSE):
+            if chunk.kind not in (END, FLUSH, LOST, REHEARSE, FLEET):
                 raise ValueError(f"chunk {chunk.seq}: unknown kind {chunk.kind}")
             if self.pending:
                 self.close_batch()
@@ -155,6 +161,8 @@ class Learning:
                 self.end(chunk.task)
             if chunk.kind == REHEARSE and chunk.y is not None:
                 self.learner.rehearse(int(chunk.y[0]))
+            if chunk.kind == FLEET:
+                self.take_aggregate(chunk.seq, chunk.task)
             if chunk.kind == LOST:  # may start before the offset: a checkpoint held those
                 self.lost += chunk.last - self.offset
                 self._advance([f"lost {self.offset + 1}-{chunk.last}"], chunk.last)
@@ -180,6 +188,23 @@ class Learning:
             i = end
             if self.pending_train >= self.schema.batch_size:
                 self.close_batch()
+
+    def take_aggregate(self, seq: int, sha256: str) -> None:
+        """Copy the fleet's aggregate a FLEET marker names into the learner. One that cannot be
+        read (its file gone or damaged) is counted and logged, and learning goes on."""
+        try:
+            if self.aggregates is None:
+                raise FleetError("the journal names a fleet aggregate, but no store was given")
+            adopted = apply_aggregate(self.learner, self.aggregates.read(sha256))
+        except FleetError as e:
+            self.fleet["failed"] += 1
+            log.error("journal seq %d: %s; the learner goes on without it", seq, e)
+            return
+        self.fleet["taken"] += 1
+        self.fleet["last"] = sha256
+        self.fleet["adopted"] = [*self.fleet["adopted"], *adopted]
+        log.info("journal seq %d: took the fleet's aggregate %s%s", seq, sha256[:12],
+                 f"; adopted tasks {', '.join(adopted)}" if adopted else "")
 
     def close_batch(self) -> None:
         """Learn the pending batch; the offset moves to its last sample."""
@@ -248,7 +273,8 @@ class Learning:
                 "accuracy_now": dict(self.accuracy_now),
                 "accuracy_learned": dict(self.accuracy_learned),
                 "rows": {k: dict(v) for k, v in self.rows.items()},
-                "ranges": {k: list(v) for k, v in self.ranges.items()}}
+                "ranges": {k: list(v) for k, v in self.ranges.items()},
+                "fleet": dict(self.fleet)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.offset, self.learned = state["offset"], state["learned"]
@@ -260,13 +286,14 @@ class Learning:
         self.rows = {k: dict(v) for k, v in state["rows"].items()}
         # checkpoints from before ranges were kept have none: the next sample starts them
         self.ranges = {k: (float(v[0]), float(v[1])) for k, v in state.get("ranges", {}).items()}
+        self.fleet = {**self.fleet, **state.get("fleet", {})}  # none before fleet learning
         self.pending, self.pending_task, self.pending_train = [], None, 0
 
 
-def replay(learner: Learner, schema: SampleSchema, cfg: LearnConfig,
-           chunks: list[Chunk]) -> Learning:
+def replay(learner: Learner, schema: SampleSchema, cfg: LearnConfig, chunks: list[Chunk],
+           aggregates: AggregateStore | None = None) -> Learning:
     """Learn `chunks` from scratch, as an uninterrupted daemon would (tests, audits)."""
-    learning = Learning(learner, schema, cfg)
+    learning = Learning(learner, schema, cfg, aggregates=aggregates)
     for chunk in chunks:
         learning.take(chunk)
     return learning

@@ -247,6 +247,8 @@ class Learner(ABC):
     Params: ClassVar[type[BaseModel]] = NoParams
     uses_memory: ClassVar[bool] = False
     can_rehearse: ClassVar[bool] = False  # `rehearse` trains on the memory alone (idle time)
+    # its net is one body with heads, whose average over a fleet means something (fleet)
+    can_federate: ClassVar[bool] = True
     # Optimiser settings this method is tuned with (on pmnist, like its `Params` defaults).
     optimizer_defaults: ClassVar[dict[str, Any]] = {}
     # Per benchmark name, the "optimizer" and "method" keys it runs with where that benchmark
@@ -429,11 +431,16 @@ class Learner(ABC):
                 raise LearnerDiverged(
                     f"the learner diverged on task {task!r}: its weight {bad} is not finite at "
                     f"the end of the task ({skipped} step(s) skipped in all)", task, skipped)
-            for norm in self.fitting_norms:  # the first task fixes the input statistics
-                norm.freeze()
-            self.fitting_norms = []
+            self.freeze_input_statistics()  # the first task fixes them
             self.consolidate(slot)
             self.open_task = None
+
+    def freeze_input_statistics(self) -> None:
+        """Stop fitting the net's input standardisation (`normalize: channel`) to the stream:
+        at the end of the first task, or when the statistics of a fleet's aggregate are taken."""
+        for norm in self.fitting_norms:
+            norm.freeze()
+        self.fitting_norms = []
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         return self.net(x, slot)

@@ -40,6 +40,7 @@ class TaskNets(nn.Module):
 
 class Independent(Learner):
     name = "independent"
+    can_federate = False  # one net per task, nothing shared between tasks to average
     Params = IndependentParams
     # the GEM paper's rotated-MNIST lr for "independent" (run_experiments.sh)
     tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {

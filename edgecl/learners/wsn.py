@@ -57,6 +57,7 @@ class WSNParams(BaseModel):
 
 class WSN(Learner):
     name = "wsn"
+    can_federate = False  # each task's subnetwork is its own: no average of them is sound
     Params = WSNParams
     optimizer_defaults: ClassVar[dict[str, Any]] = {"name": "adam", "lr": 0.003}
     # japanesevowels: lr 0.001, 16 steps per batch scored 0.975 on validation (best with

@@ -17,6 +17,7 @@ from edgecl.config import Config, ConfigError
 from edgecl.registry import BENCHMARKS, LEARNERS, NEEDS_DATA_DIR
 
 if TYPE_CHECKING:
+    from edgecl.daemon.supernode import FleetLink
     from edgecl.tune import Benchmarks, Setting, Trial
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -584,6 +585,16 @@ def learn(
              "then never crosses the network in clear.")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="The TLS certificate's private key.")
                        ] = None,
+    fleet: Annotated[str | None, typer.Option(
+        help="Join the fleet whose Flower SuperLink listens at HOST:PORT (`edgecl fleet`): "
+             "each round shares this device's weights (never its samples) and takes the "
+             "fleet's average (needs --fleet-ca or --fleet-insecure, and "
+             "pip install -e '.[fleet]').")] = None,
+    fleet_ca: Annotated[Path | None, typer.Option(
+        help="CA certificate (PEM) that signed the SuperLink's certificate.")] = None,
+    fleet_insecure: Annotated[bool, typer.Option(
+        help="Talk to the SuperLink in plain HTTP: a trusted network, or a try on "
+             "localhost.")] = False,
 ) -> None:
     """Learn from a live sample stream, in one pass, forgetting nothing; survive crashes.
 
@@ -603,7 +614,7 @@ def learn(
     listeners = Listeners(host, port, _token(token_file, LEARN_TOKEN_ENV), _tls(tls_cert, tls_key),
                           socket, mqtt, name or "",
                           _read_secret(mqtt_password_file, "password file") if mqtt_password_file
-                          else None, mqtt_ca)
+                          else None, mqtt_ca, _fleet_link(fleet, fleet_ca, fleet_insecure))
     from edgecl.setup import load_config
 
     try:
@@ -619,6 +630,26 @@ def learn(
         fail(str(e))
     if not service.run():
         fail("the learning thread stopped; see the log", code=1)
+
+
+def _fleet_link(superlink: str | None, ca: Path | None, insecure: bool) -> FleetLink | None:
+    """learn --fleet's SuperLink, checked: a way to trust it, and Flower installed."""
+    from edgecl.daemon.supernode import FleetLink
+    from edgecl.fleet.launch import FleetError, flwr_executable
+
+    if superlink is None:
+        if ca or insecure:
+            fail("--fleet-ca and --fleet-insecure go with --fleet HOST:PORT")
+        return None
+    if not (ca or insecure):
+        fail("--fleet needs --fleet-ca CA.pem (the SuperLink's TLS) or --fleet-insecure")
+    if ca and not ca.is_file():
+        fail(f"--fleet-ca: {ca} is not a file")
+    try:
+        flwr_executable("flower-supernode")
+    except FleetError as e:
+        fail(str(e))
+    return FleetLink(superlink, ca, insecure and not ca)
 
 
 @app.command()
@@ -701,6 +732,58 @@ def replay(
             client.wait_learned(wait_s)
         except (LearnError, OSError) as e:  # TimeoutError is an OSError
             fail(f"after {client.sent:,} acknowledged samples: {e}", code=1)
+
+
+@app.command()
+def fleet(
+    state_dir: Annotated[Path, typer.Option(
+        help="Folder of the fleet server's Flower files and SuperLink log (created if "
+             "missing).")],
+    host: Annotated[str, typer.Option(
+        help="Address the SuperLink listens on (0.0.0.0: devices on the network).")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The SuperLink's TCP port.")
+                    ] = 9092,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to run.")] = 3,
+    min_nodes: Annotated[int, typer.Option(
+        min=1, help="Devices to wait for (at most --round-timeout s) before each round.")] = 2,
+    round_timeout: Annotated[float, typer.Option(
+        min=1, help="Seconds each phase of a round (shares in, aggregate acknowledged) waits "
+                    "for the devices; a device later than that misses the round.")] = 60.0,
+    status_file: Annotated[Path | None, typer.Option(
+        help="JSON status written after each round, beside it a .prom file of Prometheus "
+             "metrics (default: <state-dir>/status.json).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="The SuperLink's TLS certificate (PEM; needs --tls-key and --tls-ca).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Its private key.")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="The CA that signed it (devices get it as learn --fleet-ca).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Plain HTTP instead of TLS: a trusted network, or a try on localhost.")] = False,
+) -> None:
+    """Run a fleet's learning rounds: devices (`edgecl learn --fleet`) share their weights,
+    never their samples, and each takes the fleet's average.
+
+    Starts a Flower SuperLink and runs edgecl's Flower app on it. Each round asks every
+    connected device for its weights, averages each array weighted by the samples the devices
+    learned for it (a task's head only over the devices that met the task), and sends the
+    average back; each device journals it and goes on learning. Needs pip install -e
+    '.[fleet]'. Exits 0 when every round ran.
+    """
+    from edgecl.fleet.launch import FleetError, FleetSettings, run_fleet
+
+    if not insecure and not (tls_cert and tls_key and tls_ca):
+        fail("the fleet server needs --tls-cert, --tls-key and --tls-ca, or --insecure")
+    settings = FleetSettings(state_dir, host, port, rounds, min_nodes, round_timeout,
+                             status_file or state_dir / "status.json", insecure,
+                             tls_cert, tls_key, tls_ca)
+    try:
+        code = run_fleet(settings)
+    except FleetError as e:
+        fail(str(e))
+    if code:
+        fail(f"the fleet's run ended with status {code}; see {state_dir}/superlink.log",
+             code=1)
 
 
 @app.command()

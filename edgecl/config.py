@@ -120,6 +120,9 @@ class LearnConfig(_Strict):
     # daemon takes up to `rehearse_steps` extra steps on its memory (0: none), journaled
     rehearse_steps: NonNegativeInt = 0
     rehearse_after_s: PositiveFloat = 10.0
+    # fleet learning (learn --fleet): memory steps the replay methods take right after each
+    # aggregate (FedAvg's local steps), so the device fits its own tasks to the fleet's body
+    fleet_rehearse_steps: NonNegativeInt = 100
 
 
 class MethodConfig(BaseModel):

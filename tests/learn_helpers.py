@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
+import re
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -100,3 +105,39 @@ def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+class DaemonProcess:
+    """A process (`edgecl learn`, `serve`, `fleet`) whose stderr is drained by a thread (the
+    last lines kept, for failures); `wait_url` waits for the address a daemon announces."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.url: str | None = None
+        self._announced = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"listening on (http://[\d.]+:\d+)", line)
+            if found and self.url is None:
+                self.url = found[1]
+                self._announced.set()
+
+    def wait_url(self, timeout_s: float = 120) -> str:
+        if not self._announced.wait(timeout_s):
+            raise AssertionError("no address announced:\n" + "".join(self.lines))
+        assert self.url
+        return self.url
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 60 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

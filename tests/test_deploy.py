@@ -10,7 +10,6 @@ systemd left out. hadolint lints the Dockerfiles where it is installed.
 
 from __future__ import annotations
 
-import collections
 import getpass
 import grp
 import hashlib
@@ -19,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +31,7 @@ import numpy as np
 import pytest
 import typer.main
 import yaml
+from learn_helpers import DaemonProcess
 
 from edgecl.cli import app
 from edgecl.daemon.client import LearnClient
@@ -375,40 +374,6 @@ class Device:
             return client.status()
 
 
-class Daemon:
-    """A process whose stderr is drained by a thread (kept: the last lines, for failures)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: collections.deque[str] = collections.deque(maxlen=200)
-        self.url: str | None = None
-        self._announced = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on (http://[\d.]+:\d+)", line)
-            if found and self.url is None:
-                self.url = found[1]
-                self._announced.set()
-
-    def wait_url(self, timeout_s: float = 120) -> str:
-        if not self._announced.wait(timeout_s):
-            raise AssertionError("no address announced:\n" + "".join(self.lines))
-        assert self.url
-        return self.url
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 TINY = {"seed": 0, "device": "cpu", "net": {"name": "mlp", "hidden": [16]},
         "method": {"name": "finetune"},
         "stream": {"input_shape": [4], "classes": ["a", "b", "c"], "head": "shared",
@@ -433,10 +398,10 @@ def device(tmp_path_factory) -> Iterator[Device]:
     models = root / "var" / "models"
     models.mkdir(parents=True)
     env = {**os.environ, "EDGECL_LEARN_TOKEN": LEARN_TOKEN, "EDGECL_SERVE_TOKEN": SERVE_TOKEN}
-    learn = Daemon([str(EDGECL), "learn", "--state-dir", str(root / "var" / "state"),
+    learn = DaemonProcess([str(EDGECL), "learn", "--state-dir", str(root / "var" / "state"),
                     "--config", str(root / "learn.yaml"), "--repo", str(models), "--port", "0",
                     "--name", "test-device"], env)
-    serve = Daemon([str(EDGECL), "serve", "--repo", str(models), "--port", "0",
+    serve = DaemonProcess([str(EDGECL), "serve", "--repo", str(models), "--port", "0",
                     "--poll-s", "0.2"], env)
     try:
         dev = Device(root, learn.wait_url(), serve.wait_url(), models)

@@ -191,6 +191,7 @@ class Daemon:
         self.footprint = self.learning.learner.footprint().to_dict()
         self._calls: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self.fleet_node: Callable[[], dict[str, Any]] | None = None  # its status (learn --fleet)
+        self.fleet_shares = 0  # shares handed to the fleet's rounds since start
         self.started_at = time.time()
 
     # --- start and stop --------------------------------------------------------------------
@@ -318,7 +319,9 @@ class Daemon:
         if refused:
             raise SampleError(refused, 409)
         share = self.call(lambda: share_of(learner, dict(self.journal.accepted)))
-        return pack(share.result(timeout_s))
+        data = pack(share.result(timeout_s))
+        self.fleet_shares += 1
+        return data
 
     def take_aggregate(self, data: bytes, timeout_s: float = 60.0) -> dict[str, Any]:
         """Journal the fleet's aggregate `data` (a FLEET marker, once it is stored) for the
@@ -518,7 +521,8 @@ class Daemon:
             "disk": {"reserve_bytes": self.reserve.bytes, "reserve_used": self.reserve.used},
             "footprint": self.footprint,
             # fleet aggregates taken (learn --fleet), and this device's SuperNode
-            "fleet": {**learning.fleet, "node": self.fleet_node() if self.fleet_node else None},
+            "fleet": {**learning.fleet, "shares": self.fleet_shares,
+                      "node": self.fleet_node() if self.fleet_node else None},
             "publish": self.publisher.status() if self.publisher else None,
             "uptime_s": time.time() - self.started_at,
         }

@@ -1,10 +1,13 @@
 """A device in a fleet: the weights it shares, the aggregates it takes, and where they are kept.
 
 A round of the fleet (edgecl.fleet.server) asks each device for its share, averages the shares
-per array, and sends the aggregate back. The share is the net's parameters, never samples or the
+per array, and sends the aggregate back. A device that can rehearse (er, der) then takes
+`learn.fleet_rehearse_steps` steps on its own memory (FedAvg's local steps), part of taking the
+aggregate. The share is the net's parameters, never samples or the
 episodic memory: the body (weighted by every sample the device journaled), with its float32
 buffers (the input standardisation's mean and scale, BatchNorm's running statistics), and each
-task's head (weighted by that task's samples; a head every task shares, by all of them). A
+task's head (weighted by that task's samples; a head every task shares, by all of them, with
+an empty `task/<id>` array naming each task). A
 device that takes an aggregate stops fitting its input statistics: the fleet's hold from then
 on, so that every device computes the same function. The method's own state (EWC's Fisher,
 GEM's memory) stays the device's own, and keeps protecting its tasks after an aggregate.
@@ -66,6 +69,9 @@ def share_of(learner: Learner, samples: dict[str, int]) -> Share:
     if len(net.heads) == 1:
         for name, p in net.heads[0].named_parameters():
             arrays[f"head/{name}"], weights[f"head/{name}"] = p, total
+        for task in learner.task_ids:  # no head of its own: named, so that devices adopt it
+            arrays[f"task/{task}"] = torch.zeros(0)
+            weights[f"task/{task}"] = float(samples.get(task, 0))
     else:
         for task in learner.task_ids:
             head = net.heads[net.head_index(learner.slot(task))]
@@ -90,6 +96,9 @@ def _targets(learner: Learner, share: Share) -> tuple[dict[str, torch.Tensor], l
         part = key.split("/")
         if key in body:
             targets[key] = body[key]
+        elif shared and len(part) == 2 and part[0] == "task":
+            if part[1] not in learner.task_ids and part[1] not in new and len(new) < free:
+                new.append(part[1])
         elif shared and len(part) == 2 and part[0] == "head":
             targets[key] = dict(net.heads[0].named_parameters())[part[1]]
         elif not shared and len(part) == 3 and part[0] == "head":

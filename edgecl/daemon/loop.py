@@ -190,12 +190,15 @@ class Learning:
                 self.close_batch()
 
     def take_aggregate(self, seq: int, sha256: str) -> None:
-        """Copy the fleet's aggregate a FLEET marker names into the learner. One that cannot be
-        read (its file gone or damaged) is counted and logged, and learning goes on."""
+        """Copy the fleet's aggregate a FLEET marker names into the learner, then rehearse
+        (`fleet_rehearse_steps`). One that cannot be read (its file gone or damaged) is counted
+        and logged, and learning goes on."""
         try:
             if self.aggregates is None:
                 raise FleetError("the journal names a fleet aggregate, but no store was given")
             adopted = apply_aggregate(self.learner, self.aggregates.read(sha256))
+            if self.learner.can_rehearse and self.cfg.fleet_rehearse_steps:
+                self.learner.rehearse(self.cfg.fleet_rehearse_steps)
         except FleetError as e:
             self.fleet["failed"] += 1
             log.error("journal seq %d: %s; the learner goes on without it", seq, e)

@@ -1,5 +1,5 @@
 """`edgecl learn` as one object: the daemon with its ingest sources (HTTP, unix socket, MQTT),
-its signals, systemd's notifications and an orderly shutdown.
+its SuperNode in a fleet, its signals, systemd's notifications and an orderly shutdown.
 
 The CLI parses arguments and calls `LearnService.open(...).run()`; tests and benchmarks build
 the same object, so the daemon they exercise is assembled as users run it.
@@ -17,7 +17,9 @@ from typing import Any
 from edgecl import systemd
 from edgecl.config import Config
 from edgecl.daemon.daemon import Daemon, DaemonError
+from edgecl.daemon.fleet import federation_refused
 from edgecl.daemon.http import IngestApp
+from edgecl.daemon.supernode import FleetLink, SuperNode
 from edgecl.daemon.unixsocket import SocketSource
 from edgecl.web import HTTPServer
 
@@ -37,6 +39,7 @@ class Listeners:
     name: str = ""  # the device's name in MQTT topics
     mqtt_password: str | None = None  # of the MQTT URL's user
     mqtt_ca: Path | None = None  # the CA to verify an mqtts:// broker with
+    fleet: FleetLink | None = None  # the fleet's SuperLink to join (learn --fleet)
 
 
 class LearnService:
@@ -64,6 +67,7 @@ class LearnService:
         except BaseException:
             self.daemon.stop()
             raise
+        self.supernode: SuperNode | None = None
         self._serving = threading.Thread(target=self.http.serve, name="edgecl-http")
         self.stop_requested = threading.Event()
 
@@ -86,6 +90,11 @@ class LearnService:
             http.socket.close()
             raise
         app.app = IngestApp(daemon, listeners.token)
+        refused = federation_refused(daemon.learning.learner) if listeners.fleet else None
+        if refused:
+            http.socket.close()
+            daemon.stop()
+            raise DaemonError(f"--fleet: {refused}")
         return cls(daemon, listeners, http)
 
     @property
@@ -99,12 +108,20 @@ class LearnService:
         for source in self.sources:
             source.start()
         self._serving.start()
+        if self.listeners.fleet:
+            self.supernode = SuperNode(self.listeners.fleet, self.url, self.listeners.token,
+                                       self.daemon.state_dir)
+            self.daemon.fleet_node = self.supernode.status
+            self.supernode.start()
         log.info("listening on %s (%s), state %s, method %s", self.url,
                  "bearer token" if self.listeners.token else "no token",
                  self.daemon.state_dir, self.daemon.cfg.method.name)
 
     def stop(self) -> None:
-        """Finish the requests in flight, stop the sources, then the daemon (it checkpoints)."""
+        """Leave the fleet, finish the requests in flight, stop the sources, then the daemon
+        (it checkpoints)."""
+        if self.supernode is not None:
+            self.supernode.stop()
         self.http.shutdown()
         if self._serving.is_alive():
             self._serving.join()

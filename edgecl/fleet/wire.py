@@ -4,7 +4,8 @@ A share is a set of named float32 arrays, each with a weight: how many samples t
 that the array reflects (zero: it learned nothing for it, and takes no part in that array's
 average). Names say which part of the net an array is, the same on every device whatever order
 it met its tasks in: `body/<parameter>` for the shared trunk, `head/<task id>/<parameter>` for a
-task's own head, `head/<parameter>` for a head every task shares.
+task's own head, `head/<parameter>` for a head every task shares (then an empty
+`task/<task id>` names each task the device learned, so that others adopt it).
 
 On the wire it is one `.npz` (numpy's zip of arrays, read without pickle): member `names` (a
 JSON list), `weights` (float64, one per name) and `a0`, `a1`, ... in the order of `names`.

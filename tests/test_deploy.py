@@ -132,6 +132,29 @@ def test_units_run_edgecl_hardened_and_gracefully(name):
         assert "edgecl-learn.service" in one(unit, "Unit", "After").split()
 
 
+def test_the_fleet_unit_runs_rounds_with_tls_on_a_timer():
+    unit = read_unit(UNITS / "edgecl-fleet.service")
+    expected = {"Type": "exec", "User": "edgecl", "Group": "edgecl", "Restart": "on-failure",
+                "RestartPreventExitStatus": "2", "NoNewPrivileges": "yes",
+                "ProtectSystem": "strict", "PrivateDevices": "yes", "CapabilityBoundingSet": "",
+                "EnvironmentFile": "-/etc/edgecl/fleet.env",
+                "StateDirectory": "edgecl-fleet"}
+    for key, value in expected.items():
+        assert one(unit, "Service", key) == value, key
+    argv = one(unit, "Service", "ExecStart").split()
+    assert argv[:2] == ["/opt/edgecl/current/bin/edgecl", "fleet"]
+    assert argv[-1] == "$EDGECL_FLEET_ARGS" and "--insecure" not in argv
+    options = cli_options("fleet")
+    assert {a for a in argv if a.startswith("--")} <= options
+    assert {"--tls-cert", "--tls-key", "--tls-ca"} <= set(argv)
+    env = dict(v.strip('"').split("=", 1) for v in unit["Service"]["Environment"])
+    assert {a for a in env["EDGECL_FLEET_ARGS"].split() if a.startswith("--")} <= options
+    timer = read_unit(UNITS / "edgecl-fleet.timer")
+    assert one(timer, "Timer", "Unit") == "edgecl-fleet.service"
+    assert one(timer, "Install", "WantedBy") == "timers.target"
+    assert {"--fleet", "--fleet-ca"} <= cli_options("learn")  # what devices join it with
+
+
 def test_drop_ins_close_dev_on_cpu_hosts_and_open_the_gpu_on_jetsons():
     cpu = read_unit(UNITS / "cpu-only.conf")
     assert one(cpu, "Service", "PrivateDevices") == "yes"
@@ -149,7 +172,8 @@ def units_here(tmp_path) -> Path:
     fake.chmod(0o755)
     folder = tmp_path / "units"
     folder.mkdir()
-    for name in ("learn", "serve"):
+    shutil.copy(UNITS / "edgecl-fleet.timer", folder)
+    for name in ("learn", "serve", "fleet"):
         text = (UNITS / f"edgecl-{name}.service").read_text()
         (folder / f"edgecl-{name}.service").write_text(
             text.replace("/opt/edgecl/current/bin/edgecl", str(fake)))
@@ -171,7 +195,7 @@ def systemd_analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_systemd_analyze_verify_finds_nothing_to_say(units_here):
     r = systemd_analyze("verify", "edgecl-learn.service", "edgecl-serve.service",
-                        cwd=units_here)
+                        "edgecl-fleet.service", "edgecl-fleet.timer", cwd=units_here)
     assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
 
 
@@ -185,6 +209,13 @@ def test_systemd_rates_the_units_exposure_low(units_here, name, host):
     assert level, r.stdout[-2000:] + r.stderr
     assert float(level[1]) <= 2.0, r.stdout  # measured: 1.6 (cpu), 1.8 (gpu); 10: unprotected
     assert ("✓ PrivateDevices=" in r.stdout) == (host == "cpu")
+
+
+def test_systemd_rates_the_fleet_units_exposure_low(units_here):
+    r = systemd_analyze("security", "--offline=true", "edgecl-fleet.service", cwd=units_here)
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert level, r.stdout[-2000:] + r.stderr
+    assert float(level[1]) <= 2.0, r.stdout
 
 
 # --- containers ---------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ from edgecl.fleet.wire import MEDIA_TYPE, Share, pack, unpack
 from edgecl.setup import build_config, new_learner, stream_learner_spec, stream_schema
 
 
-def per_task_config(method: str = "er") -> Config:
-    """`stream_config` with a head per task: tasks of different devices stay apart."""
+def per_task_config(method: str = "er", rehearse_steps: int = 0) -> Config:
+    """`stream_config` with a head per task (tasks of different devices stay apart) and
+    `rehearse_steps` memory steps after each aggregate."""
     data = stream_config(method).model_dump(mode="json")
     data["stream"]["head"] = "per_task"
+    data["learn"]["fleet_rehearse_steps"] = rehearse_steps
     return build_config(data)
 
 
@@ -59,8 +61,7 @@ def post_aggregate(server, data: bytes) -> tuple[int, object]:
     return status, answer
 
 
-def test_a_device_takes_another_ones_task_and_a_replay_of_its_journal_gives_the_same_learner(
-        tmp_path):
+def test_a_device_takes_another_ones_task_as_the_other_one_predicts_it(tmp_path):
     cfg = per_task_config()
     a, b = Daemon(cfg, tmp_path / "a"), Daemon(cfg, tmp_path / "b")
     with running(a) as server_a, running(b) as server_b:
@@ -79,7 +80,17 @@ def test_a_device_takes_another_ones_task_and_a_replay_of_its_journal_gives_the_
         x = torch.from_numpy(x)
         assert torch.equal(b.call(lambda: b.learning.learner.predict(x, "site-a")).result(),
                            a.call(lambda: a.learning.learner.predict(x, "site-a")).result())
+
+
+def test_a_replay_of_the_journal_takes_the_aggregates_and_their_rehearsal_again(tmp_path):
+    cfg = per_task_config(rehearse_steps=30)
+    a, b = Daemon(cfg, tmp_path / "a"), Daemon(cfg, tmp_path / "b")
+    with running(a) as server_a, running(b) as server_b:
+        learn_task(server_a, a, "site-a", 0)
+        learn_task(server_b, b, "site-b", 1)
+        assert post_aggregate(server_b, pack(share_of(server_a)))[0] == 202
         learn_task(server_b, b, "site-b", 1)  # learning goes on after the aggregate
+        assert b.status()["rehearsal_steps"] == 30 and b.status()["fleet"]["taken"] == 1
         state = b.call(lambda: b.learning.learner.state_dict()).result()
     chunks = Journal(tmp_path / "b" / "journal.sqlite3", 3).read(0, 10_000)
     schema = stream_schema(cfg)

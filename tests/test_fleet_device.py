@@ -115,6 +115,10 @@ def test_an_aggregate_the_device_cannot_take_is_refused_and_journals_nothing(tmp
         alien = Share({"body/9.weight": np.zeros(2, np.float32)}, {"body/9.weight": 1.0})
         status, answer = post_aggregate(server, pack(alien))
         assert status == 422 and "no part of this device's net" in answer["error"]
+        poisoned = Share({**share.arrays, "body/1.1.bias": np.full(
+            share.arrays["body/1.1.bias"].shape, np.nan, np.float32)}, share.weights)
+        status, answer = post_aggregate(server, pack(poisoned))
+        assert status == 422 and "NaN or infinite" in answer["error"]
         assert daemon.journal.last_seq == last
         assert not list((tmp_path / "state" / FLEET_DIR).glob("*.npz"))
 

@@ -28,6 +28,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgecl.atomic import atomic_open
@@ -115,6 +116,8 @@ def _targets(learner: Learner, share: Share) -> tuple[dict[str, torch.Tensor], l
         else:
             raise FleetError(f"the aggregate's array {key!r} is no part of this device's net")
     for key, target in targets.items():
+        if not np.isfinite(share.arrays[key]).all():
+            raise FleetError(f"the aggregate's array {key} holds NaN or infinite values")
         if tuple(share.arrays[key].shape) != tuple(target.shape):
             raise FleetError(f"the aggregate's array {key} has shape "
                              f"{list(share.arrays[key].shape)}; this device's is "

@@ -10,14 +10,13 @@ numbers as doubles (jq, JavaScript) keeps exact.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edgecl.atomic import atomic_write_text
 from edgecl.fleet.wire import Share
 
 
@@ -109,8 +108,8 @@ class FleetStatus:
         if not self.path:
             return
         path = Path(self.path)
-        write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
-        write_atomic(prom_path(path), prom_text(self.totals()))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write_text(prom_path(path), prom_text(self.totals()))
 
 
 def prom_path(status_path: str | Path) -> Path:
@@ -146,17 +145,3 @@ def prom_text(totals: dict[str, float]) -> str:
 
 def _number(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename over it: a reader sees the old file or the new, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -90,6 +91,9 @@ def _collect_and_aggregate(grid: Grid, rnd: int, nodes: list[int], timeout: floa
             share = content_share(reply.content)
         except (KeyError, WireError) as e:
             rec.errors[str(node)] = f"malformed share: {e}"
+            continue
+        if not all(np.isfinite(a).all() for a in share.arrays.values()):
+            rec.errors[str(node)] = "its share holds NaN or infinite weights: left out"
             continue
         shares.append(share)
         rec.replied.append(str(node))

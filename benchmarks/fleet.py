@@ -10,7 +10,9 @@ runs `--rounds` rounds. Reported, on every task's test split:
 - central: one learner of the same config streamed every task in order (what a single device
   seeing all the data learns), and the offline bound (the same net trained jointly for 5
   epochs on all tasks at once);
-- bytes each device uploaded per round (its share) and the aggregate it received.
+- bytes each device uploaded per round (its share) and the aggregate it received;
+- a device that joins late: started empty after the rounds, it takes part in one more round
+  (`--late`), and is measured after it on every task, none of which it ever saw.
 
     .venv/bin/python benchmarks/fleet.py                       # 4 devices x 2 pmnist tasks
     .venv/bin/python benchmarks/fleet.py --benchmark rotmnist --rounds 8
@@ -62,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rehearse-steps", type=int, default=100,
                    help="learn.fleet_rehearse_steps: memory steps after each aggregate")
     p.add_argument("--round-timeout", type=float, default=60.0)
+    p.add_argument("--late", action=argparse.BooleanOptionalAction, default=True,
+                   help="then start an empty device and run one more round with it")
     p.add_argument("--json", type=Path, help="write every number here")
     p.add_argument("--keep", action="store_true", help="keep the state dirs (printed)")
     return p.parse_args()
@@ -116,6 +120,7 @@ def run_fleet(args: argparse.Namespace, root: Path, tasks) -> dict:
                               "--fleet", superlink, "--fleet-insecure"], dict(os.environ))
                for d in range(args.devices)]
     fleet = None
+    late = None
     try:
         alone = []
         for d, device in enumerate(devices):
@@ -126,26 +131,45 @@ def run_fleet(args: argparse.Namespace, root: Path, tasks) -> dict:
             alone.append(task_accuracies(snapshot(device.url, root / f"dev{d}"), tasks))
             print(f"device {d} alone: {sum(alone[-1]) / len(tasks):.3f}", flush=True)
         t0 = time.perf_counter()
-        fleet = DaemonProcess([str(EDGECL), "fleet", "--state-dir", str(root / "fleet"),
-                               "--port", superlink.split(":")[1], "--insecure",
-                               "--rounds", str(args.rounds), "--min-nodes", str(args.devices),
-                               "--round-timeout", str(args.round_timeout)], dict(os.environ))
-        if fleet.proc.wait() != 0:
-            raise SystemExit("edgecl fleet failed:\n" + "".join(fleet.lines))
+        fleet = fleet_session(args, root / "fleet", superlink, args.rounds, args.devices)
         fleet_s = time.perf_counter() - t0
-        federated = []
-        for d, device in enumerate(devices):
-            with LearnClient(device.url) as client:  # the last aggregate taken
-                client.wait_learned(300)
-            federated.append(task_accuracies(snapshot(device.url, root / f"dev{d}"), tasks))
+        federated = [measure(device, root / f"dev{d}", tasks) for d, device in enumerate(devices)]
+        joined_late = None
+        if args.late:
+            late = DaemonProcess([str(EDGECL), "learn", "--state-dir", str(root / "late"),
+                                  "--config", str(root / "learn.yaml"), "--port", "0",
+                                  "--fleet", superlink, "--fleet-insecure"], dict(os.environ))
+            late.wait_url()
+            fleet_session(args, root / "fleet-late", superlink, 1, args.devices + 1)
+            joined_late = measure(late, root / "late", tasks)
     finally:
-        for device in devices:
-            device.stop()
+        for device in [*devices, late]:
+            if device is not None:
+                device.stop()
         if fleet is not None:
             fleet.stop()
     status = json.loads((root / "fleet" / "status.json").read_text())
     return {"alone": alone, "federated": federated, "fleet_s": fleet_s,
-            "rounds": status["rounds"]}
+            "rounds": status["rounds"], "late": joined_late}
+
+
+def fleet_session(args: argparse.Namespace, state: Path, superlink: str, rounds: int,
+                  devices: int) -> DaemonProcess:
+    """`edgecl fleet`, run to its end: `rounds` rounds with `devices` devices."""
+    fleet = DaemonProcess([str(EDGECL), "fleet", "--state-dir", str(state),
+                           "--port", superlink.split(":")[1], "--insecure",
+                           "--rounds", str(rounds), "--min-nodes", str(devices),
+                           "--round-timeout", str(args.round_timeout)], dict(os.environ))
+    if fleet.proc.wait() != 0:
+        raise SystemExit("edgecl fleet failed:\n" + "".join(fleet.lines))
+    return fleet
+
+
+def measure(device: DaemonProcess, state: Path, tasks) -> list[float]:
+    """The device's accuracy per task, once the last aggregate it journaled is taken."""
+    with LearnClient(device.url) as client:
+        client.wait_learned(300)
+    return task_accuracies(snapshot(device.url, state), tasks)
 
 
 def central(args: argparse.Namespace) -> dict:
@@ -171,6 +195,9 @@ def report(args: argparse.Namespace, runs: dict, bound: dict) -> str:
              "| | ACC over all tasks |", "|---|---|"]
     lines += [f"| device {d} alone | {m:.3f} |" for d, m in enumerate(mean)]
     lines += [f"| device {d} federated | {f:.3f} |" for d, f in enumerate(fed)]
+    if runs["late"] is not None:
+        lines += [f"| a device joining late (no sample), after 1 round | "
+                  f"{sum(runs['late']) / n:.3f} |"]
     lines += [f"| one device streamed every task ({args.method}) | {bound['stream']:.3f} |",
               f"| offline bound (joint, 5 epochs) | {bound['joint']:.3f} |", ""]
     lines += [f"Federated / offline bound: {min(fed) / bound['joint']:.2f} (worst device); "

@@ -760,6 +760,8 @@ def fleet(
         help="The CA that signed it (devices get it as learn --fleet-ca).")] = None,
     insecure: Annotated[bool, typer.Option(
         help="Plain HTTP instead of TLS: a trusted network, or a try on localhost.")] = False,
+    show: Annotated[bool, typer.Option(
+        help="Run nothing: print the rounds of the status file as a table.")] = False,
 ) -> None:
     """Run a fleet's learning rounds: devices (`edgecl learn --fleet`) share their weights,
     never their samples, and each takes the fleet's average.
@@ -772,6 +774,13 @@ def fleet(
     """
     from edgecl.fleet.launch import FleetError, FleetSettings, run_fleet
 
+    if show:
+        path = status_file or state_dir / "status.json"
+        try:
+            print_table(_rounds_table(json.loads(path.read_text())))
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"{path}: not a fleet status file ({e})")
+        return
     if not insecure and not (tls_cert and tls_key and tls_ca):
         fail("the fleet server needs --tls-cert, --tls-key and --tls-ca, or --insecure")
     settings = FleetSettings(state_dir, host, port, rounds, min_nodes, round_timeout,
@@ -824,6 +833,21 @@ def _status_table(s: dict[str, Any]) -> Table:
         forgetting = None if then is None or now is None else then - now
         table.add_row(task + (" (open)" if task == s["open_task"] else ""), f"{t['accepted']:,}",
                       f"{t['held_out']:,}", pct(then), pct(now), pct(forgetting), _served(t))
+    return table
+
+
+def _rounds_table(s: dict[str, Any]) -> Table:
+    """`edgecl fleet --show`: one row per round of a fleet server's status file."""
+    state = "finished" if s["finished"] else f"error: {s['error']}" if s["error"] else "running"
+    table = Table(title=f"fleet: {len(s['rounds'])} of {s['num_rounds']} rounds ({state})")
+    for col in ("round", "replied", "failed", "KiB in", "aggregate KiB", "acked", "s", "notes"):
+        table.add_column(col, justify="left" if col == "notes" else "right", overflow="fold")
+    for r in s["rounds"]:
+        notes = [r["note"], *(f"{node}: {why}" for node, why in r["errors"].items())]
+        table.add_row(str(r["round"]), f"{len(r['replied'])}/{len(r['sampled'])}",
+                      str(len(r["failed"])), f"{sum(r['bytes_received'].values()) / 1024:,.0f}",
+                      f"{r['aggregate_bytes'] / 1024:,.0f}", str(len(r["acks"])),
+                      f"{r['duration_s']:.1f}", "; ".join(n for n in notes if n))
     return table
 
 

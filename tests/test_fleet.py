@@ -130,6 +130,10 @@ def test_a_fleet_teaches_every_device_the_others_tasks_and_survives_a_kill(tmp_p
     assert len(status["rounds"][0]["replied"]) == 3
     last = status["rounds"][-1]
     assert len(last["replied"]) == 2 and len(last["acks"]) == 2  # the two left alive
+    shown = subprocess.run([str(EDGECL), "fleet", "--state-dir", str(tmp_path / "fleet"),
+                            "--show"], capture_output=True, text=True, env={
+                                **os.environ, "COLUMNS": "200"}, check=True).stdout
+    assert "4 of 4 rounds (finished)" in shown and "3/3" in shown and "2/3" in shown
     weights = sum(t.numel() for t in newest_learner(tmp_path / "dev0").net.parameters())
     assert all(b <= 4 * weights for b in last["bytes_received"].values())  # weights, no data
 

@@ -138,6 +138,29 @@ def test_learn_refuses_a_cuda_config_without_cuda_before_taking_its_state_dir(tm
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(("options", "error"), [
+    (["--fleet", "127.0.0.1:9092"],
+     "--fleet needs --fleet-ca CA.pem (the SuperLink's TLS) or --fleet-insecure"),
+    (["--fleet-insecure"], "--fleet-ca and --fleet-insecure go with --fleet HOST:PORT"),
+    (["--fleet", "127.0.0.1:9092", "--fleet-ca", "missing.pem"],
+     "--fleet-ca: missing.pem is not a file"),
+])
+def test_learn_refuses_a_fleet_it_cannot_trust_before_taking_its_state_dir(tmp_path, options,
+                                                                           error):
+    r = CliRunner().invoke(app, ["learn", "--state-dir", str(tmp_path / "s"), *options])
+    assert r.exit_code == 2 and r.output == f"error: {error}\n"
+    assert not (tmp_path / "s").exists()
+
+
+def test_fleet_needs_tls_or_an_explicit_insecure(tmp_path):
+    r = CliRunner().invoke(app, ["fleet", "--state-dir", str(tmp_path / "f")])
+    assert r.exit_code == 2
+    assert r.output == ("error: the fleet server needs --tls-cert, --tls-key and --tls-ca, "
+                        "or --insecure\n")
+    r = CliRunner().invoke(app, ["fleet", "--state-dir", str(tmp_path / "f"), "--show"])
+    assert r.exit_code == 2 and "not a fleet status file" in r.output
+
+
 def test_method_all_compares_every_method(tmp_path):
     r = bench("--method", "all", "--tasks", "2", "--samples-per-task", "20", "--device", "cpu",
               "--out", str(tmp_path))

@@ -184,10 +184,16 @@ def post_wide(server, n: int = 50):
 @contextlib.contextmanager
 def learner_held(daemon: Daemon) -> Iterator[None]:
     """The learning thread waits (nothing is learned, checkpointed or truncated) until the
-    block ends."""
-    release = threading.Event()
-    daemon.call(release.wait)
+    block ends; the block begins once it waits, so a step or checkpoint it was taking is done."""
+    waiting, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        waiting.set()
+        release.wait()
+
+    daemon.call(hold)
     try:
+        assert waiting.wait(60), "the learning thread did not stop to wait"
         yield
     finally:
         release.set()

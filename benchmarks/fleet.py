@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from conftest import free_port  # noqa: E402
 from learn_helpers import DaemonProcess  # noqa: E402  (the tests' process runner)
 from results import joint_lr, with_lr  # noqa: E402
 
@@ -80,11 +80,6 @@ def config(args: argparse.Namespace) -> dict:
                       "checkpoint_every": 10_000_000,
                       "fleet_rehearse_steps": args.rehearse_steps}}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def task_accuracies(learner: Learner, tasks) -> list[float]:

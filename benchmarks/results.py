@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import mean_std
-
 from edgecl.cli import use_threads
 from edgecl.config import Config
 from edgecl.joint import joint_training
 from edgecl.protocol import run_protocol
 from edgecl.setup import benchmark_for, method_configs
+from edgecl.tune import mean_std
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DOC = ROOT / "docs" / "results.md"

@@ -16,13 +16,14 @@ test numbers the sweep prints. The presets' comments quote sweeps made with it, 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
 import yaml
 
 from edgecl.cli import use_threads
-from edgecl.tune import Benchmarks, best, mean_std, run_trial, seed_configs, settings
+from edgecl.tune import Benchmarks, best, run_trial, seed_configs, settings
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,11 +57,14 @@ def main() -> None:
               f"{trial.summary}; train_s {train_s}", flush=True)
         trials.append(trial)
     chosen = best(trials)
+    if chosen.acc == -math.inf:
+        raise SystemExit("every setting diverged on some seed: none is chosen")
     print(f"chosen on validation: {chosen.label} ({chosen.acc:.4f})", flush=True)
     if args.test:
         configs = seed_configs(args.config, {}, chosen.setting, args.seeds, evaluate_on="test")
-        accs = run_trial(chosen.setting, configs).accs
-        print(f"{chosen.label}: test ACC {' '.join(f'{a:.4f}' for a in accs)}; {mean_std(accs)}")
+        test = run_trial(chosen.setting, configs)
+        print(f"{chosen.label}: test ACC {' '.join(f'{a:.4f}' for a in test.accs)}; "
+              f"{test.summary}")
 
 
 if __name__ == "__main__":

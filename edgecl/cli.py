@@ -264,10 +264,11 @@ def tune(
              "repeat for more keys, every combination runs (default: optimizer.lr at a third, "
              "one and three times the method's).")] = None,
     seeds: Annotated[str, typer.Option(
-        help="Comma-separated seeds each setting runs with; a seed also draws the held-out "
-             "split.")] = "0,1,2",
+        help="Comma-separated seeds each setting runs with; for a file:PATH.npz benchmark a "
+             "seed also draws the held-out groups.")] = "0,1,2",
     samples_per_task: Annotated[int | None, typer.Option(
-        help="Training samples per task, before the hold-out (default: the config's).")] = None,
+        help="Training samples per task, of those the hold-out left (default: the "
+             "config's).")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Where to write the chosen preset (default: runs/<benchmark>-<method>-tuned.yaml)."
     )] = None,
@@ -750,6 +751,9 @@ def fleet(
     round_timeout: Annotated[float, typer.Option(
         min=1, help="Seconds each phase of a round (shares in, aggregate acknowledged) waits "
                     "for the devices; a device later than that misses the round.")] = 60.0,
+    first_wait: Annotated[float, typer.Option(
+        min=0, help="Seconds the first round waits for --min-nodes devices: they reconnect "
+                    "to a new SuperLink at intervals of up to 20 s.")] = 300.0,
     status_file: Annotated[Path | None, typer.Option(
         help="JSON status written after each round, beside it a .prom file of Prometheus "
              "metrics (default: <state-dir>/status.json).")] = None,
@@ -785,7 +789,7 @@ def fleet(
         fail("the fleet server needs --tls-cert, --tls-key and --tls-ca, or --insecure")
     settings = FleetSettings(state_dir, host, port, rounds, min_nodes, round_timeout,
                              status_file or state_dir / "status.json", insecure,
-                             tls_cert, tls_key, tls_ca)
+                             tls_cert, tls_key, tls_ca, first_wait=first_wait)
     try:
         code = run_fleet(settings)
     except FleetError as e:

@@ -121,7 +121,8 @@ class LearnConfig(_Strict):
     rehearse_steps: NonNegativeInt = 0
     rehearse_after_s: PositiveFloat = 10.0
     # fleet learning (learn --fleet): memory steps the replay methods take right after each
-    # aggregate (FedAvg's local steps), so the device fits its own tasks to the fleet's body
+    # aggregate (FedAvg's local steps), so the device fits its own tasks to the fleet's body.
+    # 100 is a first choice, not tuned on a validation split (docs/fleet.md compares 0 and 100)
     fleet_rehearse_steps: NonNegativeInt = 100
 
 

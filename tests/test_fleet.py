@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 from learn_helpers import DaemonProcess, assert_same_state
 
 from edgecl.daemon.checkpoints import CheckpointStore
@@ -51,11 +51,6 @@ def needs_flower() -> None:
         pytest.fail("flwr is missing in CI: the dev extra installs it (`pip install -e '.[dev]'`)")
     pytest.skip("Flower is not installed (`pip install -e '.[fleet]'`)")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:

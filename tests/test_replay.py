@@ -103,7 +103,9 @@ def test_a_shared_head_replays_a_rare_class_as_often_as_a_common_one(head):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_of_several_steps_per_batch_draws_afresh_and_the_batch_is_stored_once(method):
-    learner = make_learner(method, params={"replay_batch": 4}, optimizer={"steps_per_batch": 3})
+    # room for 4 batches a task: a batch stored three times would show
+    learner = make_learner(method, params={"replay_batch": 4}, optimizer={"steps_per_batch": 3},
+                           memory={"per_task": 32})
     train(learner, 0)
     draws = spy_on_draws(learner)
     applied = []
@@ -120,6 +122,22 @@ def test_each_of_several_steps_per_batch_draws_afresh_and_the_batch_is_stored_on
     assert applied == [True] * 3 and len(draws) == 3
     assert draws[0] != draws[1] != draws[2] and all({s for s, _ in d} == {0} for d in draws)
     assert len(learner.memory) == stored + len(y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_rehearsal_step_that_is_not_finite_is_counted_as_a_skipped_step(method):
+    learner = make_learner(method)
+    train(learner, 0)
+
+    def not_finite(loss, apply=None):
+        learner._skip_reason = "loss was"
+        return False
+
+    learner.step = not_finite
+    learner.rehearse(3)
+    counters = learner.stats()
+    assert counters["nonfinite_steps"] == counters["nonfinite_streak"] == 3
+    assert "rehearsal_steps" not in counters and learner._skip_reason is None
 
 
 def test_a_replayed_sample_goes_through_its_own_head_and_unused_heads_get_no_gradient():

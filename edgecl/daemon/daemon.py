@@ -26,8 +26,8 @@ from edgecl.daemon.checkpoints import CheckpointStore
 from edgecl.daemon.fleet import (
     AggregateStore,
     FleetError,
-    check_aggregate,
     federation_refused,
+    place,
     share_of,
 )
 from edgecl.daemon.journal import (
@@ -45,7 +45,7 @@ from edgecl.daemon.publisher import Publisher
 from edgecl.daemon.reserve import SpaceReserve, reserve_size
 from edgecl.daemon.schema import EndTask, SampleError, Samples, parse_body
 from edgecl.fleet.wire import WireError, pack, unpack
-from edgecl.learners import LearnerDiverged
+from edgecl.learners import Learner, LearnerDiverged
 from edgecl.setup import SampleSchema, new_learner, stream_learner_spec, stream_schema
 from edgecl.web import release_freed_memory
 
@@ -318,10 +318,12 @@ class Daemon:
         refused = federation_refused(learner)
         if refused:
             raise SampleError(refused, 409)
-        share = self.call(lambda: share_of(learner, dict(self.journal.accepted)))
-        data = pack(share.result(timeout_s))
+        return self.call(lambda: self._share(learner)).result(timeout_s)
+
+    def _share(self, learner: Learner) -> bytes:
+        """The share, packed (on the learning thread, between steps), counted."""
         self.fleet_shares += 1
-        return data
+        return pack(share_of(learner, dict(self.journal.accepted)))
 
     def take_aggregate(self, data: bytes, timeout_s: float = 60.0) -> dict[str, Any]:
         """Journal the fleet's aggregate `data` (a FLEET marker, once it is stored) for the
@@ -336,7 +338,7 @@ class Daemon:
         except WireError as e:
             raise SampleError(f"the aggregate: {e}", 400) from None
         try:
-            self.call(lambda: check_aggregate(learner, share)).result(timeout_s)
+            self.call(lambda: place(learner, share)).result(timeout_s)
         except FleetError as e:
             raise SampleError(str(e), 422) from None
         if self.making_room:
@@ -454,7 +456,7 @@ class Daemon:
         meta = {"learning": learning.state_dict()}
         path = self.checkpoints.save(learning.learner, meta, learning.offset, keep)
         self.journal.truncate(self.checkpoints.oldest_offset())
-        self.aggregates.prune(self.journal.marker_tasks(FLEET))
+        self.aggregates.prune(lambda: self.journal.marker_tasks(FLEET))
         return path
 
     def _consolidated(self, task: str) -> None:
@@ -499,7 +501,8 @@ class Daemon:
             "learned": learning.learned, "trained": learning.trained, "rejected": self.rejected,
             # training steps not applied: their loss, gradients or new weights were not finite
             "skipped_steps": learning.learner.counters.get("nonfinite_steps", 0),
-            # memory steps taken while ingest was idle (learn.rehearse_steps)
+            # memory steps taken while ingest was idle (learn.rehearse_steps) and after fleet
+            # aggregates (learn.fleet_rehearse_steps)
             "rehearsal_steps": learning.learner.counters.get("rehearsal_steps", 0),
             "diverged": self.diverged, "ingest_events": dict(self.ingest_events),
             "lost": self.lost + learning.lost,

@@ -26,6 +26,8 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,64 +85,71 @@ def share_of(learner: Learner, samples: dict[str, int]) -> Share:
                  weights)
 
 
-def _targets(learner: Learner, share: Share) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The parameter each array of `share` goes to, and the tasks new to the device whose
-    heads it holds (and that fit its free task slots); FleetError for an array that fits
-    nothing."""
+@dataclass
+class Placement:
+    """Where an aggregate goes in a learner: the parameter (or buffer) of each array, the tasks
+    new to the device it adopts, and those it cannot (every task slot taken)."""
+
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+    adopted: list[str] = field(default_factory=list)
+    unplaced: list[str] = field(default_factory=list)
+
+    def slot(self, learner: Learner, task: str) -> int | None:
+        """The task's slot, a new one for a task new to the device; None when none is free."""
+        if task in learner.task_ids:
+            return learner.task_ids.index(task)
+        if task not in self.adopted:
+            if len(learner.task_ids) + len(self.adopted) >= learner.spec.max_tasks:
+                if task not in self.unplaced:
+                    self.unplaced.append(task)
+                return None
+            self.adopted.append(task)
+        return len(learner.task_ids) + self.adopted.index(task)
+
+
+def place(learner: Learner, share: Share) -> Placement:
+    """Where each array of `share` goes; FleetError for an array that fits nothing, has
+    another shape than its target, or holds NaN or infinity."""
     net = learner.net
     body = body_tensors(net.body)
     shared = len(net.heads) == 1
-    targets: dict[str, torch.Tensor] = {}
-    new: list[str] = []
-    free = learner.spec.max_tasks - len(learner.task_ids)
+    placed = Placement()
     for key in share.arrays:
         part = key.split("/")
         if key in body:
-            targets[key] = body[key]
+            placed.targets[key] = body[key]
         elif shared and len(part) == 2 and part[0] == "task":
-            if part[1] not in learner.task_ids and part[1] not in new and len(new) < free:
-                new.append(part[1])
+            placed.slot(learner, part[1])
         elif shared and len(part) == 2 and part[0] == "head":
-            targets[key] = dict(net.heads[0].named_parameters())[part[1]]
+            placed.targets[key] = dict(net.heads[0].named_parameters())[part[1]]
         elif not shared and len(part) == 3 and part[0] == "head":
-            task = part[1]
-            if task not in learner.task_ids and task not in new:
-                if len(new) >= free:
-                    log.warning("fleet: no free task slot for task %r (max_tasks %d); its head "
-                                "is not taken", task, learner.spec.max_tasks)
-                    continue
-                new.append(task)
-            slot = learner.task_ids.index(task) if task in learner.task_ids \
-                else len(learner.task_ids) + new.index(task)
-            targets[key] = dict(net.heads[net.head_index(slot)].named_parameters())[part[2]]
+            slot = placed.slot(learner, part[1])
+            if slot is not None:
+                head = net.heads[net.head_index(slot)]
+                placed.targets[key] = dict(head.named_parameters())[part[2]]
         else:
             raise FleetError(f"the aggregate's array {key!r} is no part of this device's net")
-    for key, target in targets.items():
+    for key, target in placed.targets.items():
         if not np.isfinite(share.arrays[key]).all():
             raise FleetError(f"the aggregate's array {key} holds NaN or infinite values")
         if tuple(share.arrays[key].shape) != tuple(target.shape):
             raise FleetError(f"the aggregate's array {key} has shape "
                              f"{list(share.arrays[key].shape)}; this device's is "
                              f"{list(target.shape)} (another net config?)")
-    return targets, new
+    return placed
 
 
-def check_aggregate(learner: Learner, share: Share) -> None:
-    """FleetError unless `apply_aggregate` can take `share` whole."""
-    _targets(learner, share)
-
-
-def apply_aggregate(learner: Learner, share: Share) -> list[str]:
-    """Copy `share` into the learner's net (all of it or, on FleetError, nothing); returns the
-    tasks it adopted (new to the device)."""
-    targets, new = _targets(learner, share)
-    for task in new:
+def apply_aggregate(learner: Learner, share: Share) -> Placement:
+    """Copy `share` into the learner's net (all of it or, on FleetError, nothing); returns
+    where it went: the tasks adopted, and those left out for want of a free task slot."""
+    placed = place(learner, share)
+    for task in placed.adopted:
         learner.register_task(task)
     with torch.no_grad():
-        for key, target in targets.items():
+        for key, target in placed.targets.items():
             target.copy_(torch.from_numpy(share.arrays[key]))
     learner.freeze_input_statistics()
-    return new
+    return placed
 
 
 class AggregateStore:
@@ -178,9 +187,11 @@ class AggregateStore:
         except WireError as e:
             raise FleetError(f"the fleet aggregate {sha256}: {e}") from None
 
-    def prune(self, named: set[str]) -> None:
-        """Remove the aggregates no journal record names any more."""
+    def prune(self, named: Callable[[], set[str]]) -> None:
+        """Remove the aggregates no journal record names any more; `named` is read under the
+        lock, so an aggregate journaled meanwhile is named in it."""
         with self.lock:
+            kept = named()
             for path in self.folder.glob("*.npz"):
-                if path.stem not in named:
+                if path.stem not in kept:
                     os.unlink(path)

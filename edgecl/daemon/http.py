@@ -122,6 +122,9 @@ class IngestApp:
             raise self._refused(e) from None
         except RuntimeError as e:  # the learning thread is not running
             raise RequestError(503, str(e)) from None
+        except TimeoutError:
+            raise RequestError(503, "the learner or the journal did not answer in time; an "
+                               "aggregate sent may still be journaled and taken") from None
 
     async def _post(self, path: str, headers: dict[bytes, bytes], receive: Receive
                     ) -> Response:
@@ -205,7 +208,8 @@ class DaemonCollector:
                                 ("skipped_steps", "Training steps not applied: their loss, "
                                                   "gradients or new weights were not finite."),
                                 ("rehearsal_steps", "Memory steps taken while ingest was idle "
-                                                    "(learn.rehearse_steps).")):
+                                                    "(learn.rehearse_steps) and after fleet "
+                                                    "aggregates (learn.fleet_rehearse_steps).")):
             yield CounterMetricFamily(f"edgecl_learn_{name}", help_text, value=s[name])
         events = CounterMetricFamily("edgecl_learn_ingest_events", "Ingest sources' events "
                                      "beside samples (connections refused or closed idle, MQTT "
@@ -240,6 +244,13 @@ class DaemonCollector:
         yield CounterMetricFamily("edgecl_learn_missing", "Numbered senders' messages that "
                                   "never arrived: dropped on the way (a broker's queue limit) "
                                   "or refused.", value=s["missing"])
+        fleet = CounterMetricFamily("edgecl_learn_fleet_aggregates", "Fleet aggregates "
+                                    "journaled and taken, or failed (their file gone or "
+                                    "damaged); tasks an aggregate held that found no free "
+                                    "task slot (unplaced).", labels=["outcome"])
+        for outcome in ("taken", "failed", "unplaced"):
+            fleet.add_metric([outcome], s["fleet"][outcome])
+        yield fleet
         yield CounterMetricFamily("edgecl_learn_duplicates", "Requests answered as already "
                                   "journaled (a request id or a sender's number seen before) "
                                   "since start.", value=s["journal"]["duplicates"])

@@ -130,8 +130,9 @@ class Learning:
         # exported model states, which serve's input guard holds requests to
         self.ranges: dict[str, tuple[float, float]] = {}
         # fleet aggregates taken (FLEET markers), the last one's sha256, those that could
-        # not be (gone, damaged: logged), and the tasks adopted from the fleet
-        self.fleet = {"taken": 0, "last": None, "failed": 0, "adopted": []}
+        # not be (gone, damaged: logged), the tasks adopted from the fleet, and the tasks an
+        # aggregate held that found no free task slot (logged)
+        self.fleet = {"taken": 0, "last": None, "failed": 0, "adopted": [], "unplaced": 0}
         self._consolidated: list[str] = []  # by the chunk being taken
         self._skips_said: set[str] = set()  # tasks whose first skipped step was logged
         if state is not None:
@@ -159,7 +160,7 @@ class Learning:
                 self.close_batch()
             if chunk.kind == END:
                 self.end(chunk.task)
-            if chunk.kind == REHEARSE and chunk.y is not None:
+            if chunk.kind == REHEARSE:
                 self.learner.rehearse(int(chunk.y[0]))
             if chunk.kind == FLEET:
                 self.take_aggregate(chunk.seq, chunk.task)
@@ -196,7 +197,7 @@ class Learning:
         try:
             if self.aggregates is None:
                 raise FleetError("the journal names a fleet aggregate, but no store was given")
-            adopted = apply_aggregate(self.learner, self.aggregates.read(sha256))
+            placed = apply_aggregate(self.learner, self.aggregates.read(sha256))
             if self.learner.can_rehearse and self.cfg.fleet_rehearse_steps:
                 self.learner.rehearse(self.cfg.fleet_rehearse_steps)
         except FleetError as e:
@@ -205,9 +206,14 @@ class Learning:
             return
         self.fleet["taken"] += 1
         self.fleet["last"] = sha256
-        self.fleet["adopted"] = [*self.fleet["adopted"], *adopted]
+        self.fleet["adopted"] = [*self.fleet["adopted"], *placed.adopted]
+        self.fleet["unplaced"] += len(placed.unplaced)
         log.info("journal seq %d: took the fleet's aggregate %s%s", seq, sha256[:12],
-                 f"; adopted tasks {', '.join(adopted)}" if adopted else "")
+                 f"; adopted tasks {', '.join(placed.adopted)}" if placed.adopted else "")
+        if placed.unplaced:
+            log.warning("journal seq %d: no free task slot (max_tasks %d) for the fleet's "
+                        "tasks %s: not taken", seq, self.learner.spec.max_tasks,
+                        ", ".join(placed.unplaced))
 
     def close_batch(self) -> None:
         """Learn the pending batch; the offset moves to its last sample."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecl.fleet.launch import die_with_parent, supernode_command, supernode_env
+from edgecl.fleet.launch import die_with_parent, flwr_env, stop_process, supernode_command
 
 log = logging.getLogger("edgecl.learn")
 
@@ -58,10 +58,11 @@ class SuperNode:
                                       str(link.root_certificates)
                                       if link.root_certificates else None)
         # the ClientApp, a grandchild, calls the daemon with its token
-        self.env = os.environ | supernode_env(self.home) | (
+        self.env = os.environ | flwr_env(self.home) | (
             {"EDGECL_LEARN_TOKEN": token} if token else {})
         self.starts = 0
         self.last_exit: int | None = None
+        self.last_error: str | None = None  # why the last start failed, if it did
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="edgecl-supernode")
@@ -79,7 +80,7 @@ class SuperNode:
         proc = self._proc
         return {"superlink": self.link.superlink, "running": proc is not None
                 and proc.poll() is None, "starts": self.starts, "last_exit": self.last_exit,
-                "log": str(self.home / "supernode.log")}
+                "last_error": self.last_error, "log": str(self.home / "supernode.log")}
 
     def _supervise(self) -> None:
         """Keep the SuperNode running until `stop()`; the thread that started a child must
@@ -87,13 +88,18 @@ class SuperNode:
         pause = FIRST_PAUSE_S
         while not self._stop.is_set():
             started = time.monotonic()
-            self._run_once()
+            try:
+                self._run_once()
+                self.last_error = None
+            except OSError as e:  # its log or its process could not be opened: try again
+                self.last_error = f"cannot start the SuperNode: {e}"
             if self._stop.is_set():
                 return
             if time.monotonic() - started > MAX_PAUSE_S:  # it ran a while: a fresh failure
                 pause = FIRST_PAUSE_S
             log.warning("fleet: the SuperNode exited (%s); starting it again in %.0f s (log: "
-                        "%s)", self.last_exit, pause, self.home / "supernode.log")
+                        "%s)", self.last_error or self.last_exit, pause,
+                        self.home / "supernode.log")
             self._stop.wait(pause)
             pause = min(2 * pause, MAX_PAUSE_S)
 
@@ -108,11 +114,5 @@ class SuperNode:
         while not self._stop.wait(0.5):
             if self._proc.poll() is not None:
                 break
-        if self._proc.poll() is None:  # stopping
-            self._proc.terminate()
-            try:
-                self._proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, STOP_GRACE_S)  # when stopping; a no-op once it exited
         self.last_exit = self._proc.returncode

@@ -51,6 +51,9 @@ class FleetSettings:
     ssl_ca_certfile: Path | None = None  # ... and the CA that signed it
     root_certificates: Path | None = None  # CA the `flwr` CLI trusts; default ssl_ca_certfile
     startup_timeout: float = 30.0
+    # how long the first round waits for min_nodes: devices reconnect to a new SuperLink with a
+    # backoff of up to 20 s (Flower's), and many at once
+    first_wait: float = 300.0
 
 
 def flwr_executable(name: str) -> str:
@@ -73,15 +76,6 @@ def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
     if flwr_home is not None:
         env["FLWR_HOME"] = str(Path(flwr_home).absolute())
     return env
-
-
-def supernode_env(flwr_home: Path) -> dict[str, str]:
-    """Env additions for a device's SuperNode; the rest of the daemon's env (its token) stays.
-
-    The ClientApp reads EDGECL_LEARN_TOKEN from its environment, which it inherits through the
-    SuperNode and its SuperExec, so the daemon must start the SuperNode with os.environ | this.
-    """
-    return flwr_env(flwr_home)
 
 
 def supernode_command(superlink: str, daemon_url: str, port: int, insecure: bool,
@@ -146,10 +140,10 @@ def run_fleet(settings: FleetSettings) -> int:
         try:
             rc = run.wait()
         finally:
-            _stop(run)
+            stop_process(run)
         return rc or run_outcome(flwr, env, home)
     finally:
-        _stop(link)
+        stop_process(link)
 
 
 def run_outcome(flwr: str, env: dict[str, str], home: Path) -> int:
@@ -191,7 +185,8 @@ def write_run_config(home: Path, s: FleetSettings) -> Path:
     """The run's settings as a TOML file for `flwr run --run-config` (no shell quoting games)."""
     status = str(Path(s.status_file).absolute()) if s.status_file else ""
     values = {"num-rounds": int(s.num_rounds), "min-nodes": int(s.min_nodes),
-              "round-timeout": float(s.round_timeout), "status-file": status}
+              "round-timeout": float(s.round_timeout), "first-wait": float(s.first_wait),
+              "status-file": status}
     text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
     path = home / "run-config.toml"
     path.write_text(text)
@@ -276,7 +271,7 @@ def _tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM, and SIGKILL if it is still there after `grace` s."""
     if proc.poll() is None:
         proc.terminate()

@@ -7,8 +7,9 @@ round timeout, send the aggregate to every node that replied (`evaluate`) and co
 acks. Message contents are described in `client`.
 
 Settings are the run config (`app/pyproject.toml`, overridable with `flwr run --run-config`):
-`num-rounds`, `min-nodes` (wait, at most `round-timeout` s, for that many nodes before a round;
-then go on with those there are), `round-timeout` (s, per phase), `status-file` (JSON status
+`num-rounds`, `min-nodes` (wait, at most `round-timeout` s, for that many nodes before a round,
+`first-wait` s before the first; then go on with those there are), `round-timeout` (s, per
+phase), `status-file` (JSON status
 plus a `.prom` sibling; "" for none).
 """
 
@@ -37,11 +38,13 @@ def main(grid: Grid, context: Context) -> None:
     num_rounds = int(rc.get("num-rounds", 3))
     min_nodes = int(rc.get("min-nodes", 2))
     timeout = float(rc.get("round-timeout", 60.0))
+    first_wait = float(rc.get("first-wait", 300.0))
     status = FleetStatus(path=str(rc.get("status-file", "")) or None, num_rounds=num_rounds)
     status.write()
     try:
         for rnd in range(1, num_rounds + 1):
-            status.rounds.append(run_round(grid, rnd, min_nodes, timeout, status))
+            wait = first_wait if rnd == 1 else timeout
+            status.rounds.append(run_round(grid, rnd, min_nodes, wait, timeout, status))
             status.write()
             _log_round(status.rounds[-1])
     except Exception as e:
@@ -52,15 +55,16 @@ def main(grid: Grid, context: Context) -> None:
     status.write()
 
 
-def run_round(grid: Grid, rnd: int, min_nodes: int, timeout: float,
+def run_round(grid: Grid, rnd: int, min_nodes: int, wait: float, timeout: float,
               status: FleetStatus) -> RoundRecord:
-    """One round, start to end; never raises for a node that fails, only for bad shares."""
+    """One round, start to end, once `min_nodes` are connected or `wait` s have passed; never
+    raises for a node that fails, only for bad shares."""
     rec = RoundRecord(round=rnd, started=time.time())
-    nodes = wait_for_nodes(grid, min_nodes, timeout)
+    nodes = wait_for_nodes(grid, min_nodes, wait)
     status.nodes_connected = rec.nodes_connected = len(nodes)
     rec.sampled = [str(n) for n in nodes]
     if not nodes:
-        rec.note = f"no node connected within {timeout:g} s"
+        rec.note = f"no node connected within {wait:g} s"
     else:
         agg = _collect_and_aggregate(grid, rnd, nodes, timeout, rec)
         if agg is not None:

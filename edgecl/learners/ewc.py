@@ -42,9 +42,9 @@ class EWC(QuadraticPenaltyLearner):
     # --test --set benchmark.name rotmnist --set optimizer.lr 0.003 0.01 0.03 --set
     # method.strength ...): over λ 3-3000, lr 0.01 and λ 300 scored 0.608;
     # their test ACC: 0.600 ± 0.013.
-    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
     # japanesevowels: lr 0.03, 16 steps per batch scored 0.803 on validation (best with
     # 1 step: 0.469); `edgecl tune`'s grid in docs/results.md
+    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "rotmnist": {"optimizer": {"lr": 0.01}, "method": {"strength": 300.0}},
         "japanesevowels": {"optimizer": {"lr": 0.03, "steps_per_batch": 16}}}
 

@@ -44,9 +44,9 @@ class LwF(Learner):
     # --test --set benchmark.name rotmnist --set optimizer.lr 0.003 0.01 0.03 --set
     # method.strength ...): over λ_o 0.1-64 (T=2), lr 0.01 and λ_o 16 scored
     # 0.601; their test ACC: 0.603 ± 0.013.
-    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
     # japanesevowels: lr 0.03, 16 steps per batch scored 0.741 on validation (best with
     # 1 step: 0.444); `edgecl tune`'s grid in docs/results.md
+    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "rotmnist": {"optimizer": {"lr": 0.01}, "method": {"strength": 16.0}},
         "japanesevowels": {"optimizer": {"lr": 0.03, "steps_per_batch": 16}}}
 

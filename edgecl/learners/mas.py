@@ -40,9 +40,9 @@ class MAS(QuadraticPenaltyLearner):
     # --test --set benchmark.name rotmnist --set optimizer.lr 0.003 0.01 0.03 --set
     # method.strength ...): over λ 0.03-3, lr 0.01 and λ 1 scored 0.627;
     # their test ACC: 0.612 ± 0.008.
-    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
     # japanesevowels: lr 0.03, 16 steps per batch scored 0.803 on validation (best with
     # 1 step: 0.457); `edgecl tune`'s grid in docs/results.md
+    tuned: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {
         "rotmnist": {"optimizer": {"lr": 0.01}, "method": {"strength": 1.0}},
         "japanesevowels": {"optimizer": {"lr": 0.03, "steps_per_batch": 16}}}
 

@@ -104,7 +104,7 @@ class Replay(EpisodicLearner):
         return F.cross_entropy(logits, replay.y, reduction="none")
 
     def learn(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> StepStats:
-        return StepStats(self.train_on(x, y, slot, self.draw_replay(slot), store=True)[0])
+        return StepStats(self.train_on(x, y, slot, self.draw_replay(slot), store=True))
 
     def glance(self, x: torch.Tensor, y: torch.Tensor, slot: int) -> None:
         """Another step on the batch, with a fresh replay draw; the batch is stored once."""
@@ -128,6 +128,10 @@ class Replay(EpisodicLearner):
             loss.backward()
             if self.step(loss):
                 self.count("rehearsal_steps")
+                self.counters.pop("nonfinite_streak", None)
+            else:  # counted as any skipped step is: a streak of them is a divergence
+                reason, self._skip_reason = self._skip_reason or "loss was", None
+                self.step_skipped(self.open_task or "rehearsal", reason)
 
     def draw_replay(self, slot: int) -> ReplayBatch | None:
         """`replay_batch` samples of every stored task but `slot`, decoded (valid until the next
@@ -163,10 +167,10 @@ class Replay(EpisodicLearner):
         return pick if rows is None else rows[pick]
 
     def train_on(self, x: torch.Tensor, y: torch.Tensor, slot: int, replay: ReplayBatch | None,
-                 store: bool) -> tuple[torch.Tensor, bool]:
-        """One step on the batch and `replay`; with `store`, the batch goes into the memory
-        (with the logits it gets before the step). Returns the loss and whether the step was
-        applied (`Learner.step`)."""
+                 store: bool) -> torch.Tensor:
+        """One step on the batch and `replay` (`Learner.step`: skipped if not finite); with
+        `store`, the batch goes into the memory (with the logits it gets before the step).
+        Returns the loss."""
         zero_grad(self.optimizer)
         logits = self.logits_of(x, slot, replay)
         own = logits[:len(y)]
@@ -181,7 +185,8 @@ class Replay(EpisodicLearner):
                 return self.train_on(x, y, slot, replay.select(bad.logical_not()), store=False)
             loss = loss + terms.mean()
         loss.backward()
-        return loss.detach(), self.step(loss)
+        self.step(loss)
+        return loss.detach()
 
     def logits_of(self, x: torch.Tensor, slot: int, replay: ReplayBatch | None) -> torch.Tensor:
         """Logits of the batch of task `slot`, then of the replayed samples, in one pass."""
